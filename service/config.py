@@ -1,0 +1,140 @@
+"""Every setting, read once from `TENANTSERVE_*` environment variables (and `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Development placeholders: good enough on a laptop, refused in production.
+DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-in-production!"
+DEV_API_KEY_PEPPER = "dev-only-api-key-pepper-change-me-in-production"
+MIN_SECRET_BYTES = 32
+
+
+class SettingsError(ValueError):
+    """A setting that makes it unsafe or impossible to start."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TENANTSERVE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    env: Literal["development", "production", "test"] = "development"
+    """`production` refuses default or short secrets."""
+
+    database_url: str = "sqlite:///./tenantserve.db"
+    """Any SQLAlchemy URL; `postgresql+psycopg://user@host/db` for several instances."""
+
+    rate_limit_storage_uri: str = "memory://"
+    """`memory://` (one process) or `redis://host:port/db` (shared by workers and instances)."""
+
+    rate_limit_strict: bool = False
+    """When the shared limiter storage is down: False serves with per-process limits, True 503s."""
+
+    default_rate_limit: str = "600/minute"
+    """A tenant's limit when it is created without one."""
+
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+    """HS256 signing secret for staff tokens."""
+
+    jwt_ttl_seconds: int = Field(default=900, ge=60, le=86400)
+    """Staff token lifetime."""
+
+    api_key_pepper: SecretStr = SecretStr(DEV_API_KEY_PEPPER)
+    """HMAC key under which API keys are stored."""
+
+    bootstrap_admin_username: str | None = None
+    """With the password, a platform admin that exists after start-up."""
+
+    bootstrap_admin_password: SecretStr | None = None
+    """The bootstrap admin's password (at least 12 characters)."""
+
+    max_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    """Hard cap on batch items, above every tenant's own cap."""
+
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    """Larger request bodies get 413 before they are parsed."""
+
+    model_dir: Path = Path("./models")
+    """The model registry: one folder per version."""
+
+    model_version: str | None = None
+    """The version served at start when none was activated through the API; default the newest."""
+
+    microbatch_enabled: bool = True
+    """Gather concurrent predictions into one model call."""
+
+    microbatch_max_rows: int = Field(default=2048, ge=1)
+    """Most rows in one gathered model call."""
+
+    microbatch_max_wait_us: int = Field(default=0, ge=0, le=100_000)
+    """How long a prediction may wait for company when the model is idle (0: never wait)."""
+
+    usage_flush_interval_ms: int = Field(default=200, ge=10)
+    """Longest time a usage record waits in memory before it is written."""
+
+    usage_flush_max_rows: int = Field(default=1000, ge=1)
+    """Most usage records in one INSERT."""
+
+    usage_queue_max: int = Field(default=100_000, ge=10)
+    """Queued usage records beyond which customer requests get 503 instead of going unrecorded."""
+
+    usage_spill_dir: Path = Path("./usage-spill")
+    """Where records the database refused at shutdown wait for the next start."""
+
+    state_poll_interval_ms: int = Field(default=250, ge=50, le=1000)
+    """How often each worker checks for revocations, limit changes and model switches."""
+
+    signin_rate_limit: str = "10/minute"
+    """Failed-and-successful sign-in attempts allowed per username and per client address."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    log_features: bool = False
+    """Log feature values of predictions (off: they may be personal data)."""
+
+    log_redact_keys: str = ""
+    """Comma-separated extra field names to mask in logs, on top of the built-in list."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("default_rate_limit", "signin_rate_limit")
+    @classmethod
+    def _valid_limit(cls, value: str) -> str:
+        from service.ratelimit import parse_limit
+
+        parse_limit(value)
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env != "production":
+            return self
+        for name, secret, default in (
+            ("TENANTSERVE_JWT_SECRET", self.jwt_secret, DEV_JWT_SECRET),
+            ("TENANTSERVE_API_KEY_PEPPER", self.api_key_pepper, DEV_API_KEY_PEPPER),
+        ):
+            value = secret.get_secret_value()
+            if value == default or len(value.encode()) < MIN_SECRET_BYTES:
+                raise SettingsError(
+                    f"{name} must be set to a random value of at least "
+                    f"{MIN_SECRET_BYTES} bytes when TENANTSERVE_ENV=production"
+                )
+        return self
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,194 @@
+"""Error classes that carry their own status and code, and the one problem+json renderer.
+
+Every error the API returns — ours, FastAPI's 404/405/422, an oversized body, an unexpected
+exception — leaves through `problem_response`, so clients parse exactly one shape (RFC 9457).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class AppError(Exception):
+    status_code = 500
+    code = "internal_error"
+    title = "Internal server error"
+
+    def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None):
+        self.detail = detail or self.title
+        self.headers = dict(headers or {})
+        super().__init__(self.detail)
+
+
+class MissingCredentials(AppError):
+    status_code, code, title = 401, "missing_credentials", "Credentials required"
+
+
+class InvalidCredentials(AppError):
+    status_code, code, title = 401, "invalid_credentials", "Invalid credentials"
+
+
+class Forbidden(AppError):
+    status_code, code, title = 403, "forbidden", "Forbidden"
+
+
+class TenantSuspended(AppError):
+    status_code, code, title = 403, "tenant_suspended", "Tenant suspended"
+
+
+class NotFound(AppError):
+    status_code, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(AppError):
+    status_code, code, title = 409, "conflict", "Conflict"
+
+
+class PayloadTooLarge(AppError):
+    status_code, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class ValidationFailed(AppError):
+    status_code, code, title = 422, "validation_error", "Validation error"
+
+    def __init__(self, errors: Sequence[Mapping[str, Any]], detail: str | None = None):
+        self.errors = [{"loc": list(e["loc"]), "msg": str(e["msg"])} for e in errors]
+        super().__init__(detail or "The request is not valid; see `errors`.")
+
+
+class RateLimited(AppError):
+    status_code, code, title = 429, "rate_limited", "Too many requests"
+
+
+class QuotaExceeded(AppError):
+    status_code, code, title = 429, "quota_exceeded", "Monthly quota exceeded"
+
+
+class MethodNotAllowed(AppError):
+    status_code, code, title = 405, "method_not_allowed", "Method not allowed"
+
+
+class NotReady(AppError):
+    status_code, code, title = 503, "not_ready", "Service not ready"
+
+
+class Overloaded(AppError):
+    status_code, code, title = 503, "overloaded", "Service overloaded"
+
+
+_ERRORS_BY_STATUS: dict[int, type[AppError]] = {
+    cls.status_code: cls
+    for cls in (
+        InvalidCredentials,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        Conflict,
+        PayloadTooLarge,
+    )
+}
+
+
+class Problem(BaseModel):
+    """The error body (RFC 9457 problem details)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    request_id: str
+    errors: list[dict[str, Any]] | None = None
+
+
+def problem_body(
+    *,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    request_id: str,
+    errors: list[dict[str, Any]] | None = None,
+) -> bytes:
+    body: dict[str, Any] = {
+        "type": f"https://tenantserve.dev/problems/{code.replace('_', '-')}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": request_id,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return orjson.dumps(body)
+
+
+def problem_response(error: AppError, request_id: str) -> Response:
+    errors = error.errors if isinstance(error, ValidationFailed) else None
+    return Response(
+        problem_body(
+            status=error.status_code,
+            code=error.code,
+            title=error.title,
+            detail=error.detail,
+            request_id=request_id,
+            errors=errors,
+        ),
+        status_code=error.status_code,
+        headers=error.headers,
+        media_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+def request_id_of(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+async def _app_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    return problem_response(exc, request_id_of(request))
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return problem_response(ValidationFailed(exc.errors()), request_id_of(request))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI answers an unreadable body with 400; to clients it is invalid input.
+        error: AppError = ValidationFailed([{"loc": ["body"], "msg": "malformed request body"}])
+    else:
+        error = _ERRORS_BY_STATUS.get(exc.status_code, AppError)()
+    error.headers.update(exc.headers or {})
+    return problem_response(error, request_id_of(request))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+def error_responses(*errors: type[AppError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the errors a route can return."""
+    declared: dict[int | str, dict[str, Any]] = {}
+    for cls in errors:
+        entry = declared.setdefault(
+            cls.status_code,
+            {"model": Problem, "content": {PROBLEM_CONTENT_TYPE: {}}, "description": ""},
+        )
+        codes = [c for c in entry["description"].split(", ") if c]
+        entry["description"] = ", ".join([*codes, f"`{cls.code}`"])
+    return declared

@@ -1,0 +1,127 @@
+"""Micro-batching: concurrent predictions share one model call in the model thread.
+
+While the model thread computes one batch, new requests gather in `_pending`; the next call
+takes them all at once. At low load a request runs alone and at once (no timer to wait for);
+under load the per-call overhead — the bulk of a small model's cost — is paid once per batch.
+The model version is read once per batch, so every row of a batch reports the version that
+really computed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.serving.runtime import LoadedModel
+
+
+@dataclass(slots=True)
+class _Request:
+    rows: np.ndarray
+    future: asyncio.Future[tuple[LoadedModel, np.ndarray]] = field(repr=False)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        current_model: Callable[[], LoadedModel],
+        *,
+        enabled: bool,
+        max_rows: int,
+        max_wait_us: int,
+    ) -> None:
+        self._current_model = current_model
+        self._enabled = enabled
+        self._max_rows = max_rows
+        self._max_wait = max_wait_us / 1_000_000
+        # One thread: the model is CPU-bound under the GIL, more threads only add contention.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._pending: list[_Request] = []
+        self._pending_rows = 0
+        self._draining = False
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def predict(self, rows: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
+        """Probabilities for `rows`, and the model version that computed them."""
+        loop = asyncio.get_running_loop()
+        if not self._enabled:
+            model = self._current_model()
+            proba = await loop.run_in_executor(self._executor, model.predict_proba, rows)
+            return model, proba
+        request = _Request(rows, loop.create_future())
+        self._pending.append(request)
+        self._pending_rows += len(rows)
+        if not self._draining:
+            self._draining = True
+            # Keep a reference: the loop holds tasks only weakly.
+            self._drainer = loop.create_task(self._drain())
+        return await request.future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                if self._max_wait and self._pending_rows < self._max_rows:
+                    await asyncio.sleep(self._max_wait)
+                batch = self._take_batch()
+                model = self._current_model()
+                try:
+                    proba = await loop.run_in_executor(
+                        self._executor, _predict_many, model, [r.rows for r in batch]
+                    )
+                except Exception as exc:
+                    await self._retry_one_by_one(model, batch, exc)
+                    continue
+                for request, result in zip(batch, proba, strict=True):
+                    if not request.future.done():  # the client may have gone away
+                        request.future.set_result((model, result))
+        finally:
+            self._draining = False
+
+    def _take_batch(self) -> list[_Request]:
+        taken, rows = 0, 0
+        for request in self._pending:
+            if taken and rows + len(request.rows) > self._max_rows:
+                break
+            taken += 1
+            rows += len(request.rows)
+        batch, self._pending = self._pending[:taken], self._pending[taken:]
+        self._pending_rows -= rows
+        return batch
+
+    async def _retry_one_by_one(
+        self, model: LoadedModel, batch: list[_Request], error: Exception
+    ) -> None:
+        """A failed shared call is retried per request, so one bad request fails alone."""
+        loop = asyncio.get_running_loop()
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_exception(error)
+            return
+        for request in batch:
+            try:
+                proba = await loop.run_in_executor(
+                    self._executor, model.predict_proba, request.rows
+                )
+            except Exception as exc:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            else:
+                if not request.future.done():
+                    request.future.set_result((model, proba))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _predict_many(model: LoadedModel, parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Runs in the model thread: one call for all parts, split back in order."""
+    if len(parts) == 1:
+        return [model.predict_proba(parts[0])]
+    proba = model.predict_proba(np.concatenate(parts))
+    bounds = np.cumsum([len(p) for p in parts])[:-1]
+    return np.split(proba, bounds)

@@ -1,0 +1,78 @@
+"""A loaded model version: one `predict_proba` over a 2-D float array, swapped atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+from sklearn.linear_model import LogisticRegression
+
+from service.serving.registry import CLASSES, Manifest, load_artifact
+
+ProbaFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    manifest: Manifest
+    predict_proba: ProbaFn
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+def _linear_softmax(weights: np.ndarray, bias: np.ndarray) -> ProbaFn:
+    """The multinomial logistic regression's maths in numpy.
+
+    NOTE: scikit-learn's `predict_proba` spends ~90 µs a call validating its input, the maths
+    takes ~3 µs. Summing feature by feature (not a BLAS matmul) keeps every row's result
+    bit-identical whatever the batch it travels in.
+    """
+
+    def predict_proba(rows: np.ndarray) -> np.ndarray:
+        logits = np.broadcast_to(bias, (rows.shape[0], bias.shape[0])).copy()
+        for j in range(rows.shape[1]):
+            logits += rows[:, j, None] * weights[None, :, j]
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(axis=1, keepdims=True)
+        return logits
+
+    return predict_proba
+
+
+def _sklearn_proba(estimator: Any) -> ProbaFn:
+    def predict_proba(rows: np.ndarray) -> np.ndarray:
+        # Rows were validated finite on the way in; skip scikit-learn's second check.
+        with sklearn.config_context(assume_finite=True):
+            return np.asarray(estimator.predict_proba(rows))
+
+    return predict_proba
+
+
+def load_model(model_dir: Path, version: str) -> LoadedModel:
+    manifest, estimator = load_artifact(model_dir, version)
+    if isinstance(estimator, LogisticRegression) and estimator.coef_.shape[0] == len(CLASSES):
+        fn = _linear_softmax(estimator.coef_.astype(np.float64), estimator.intercept_)
+    else:
+        fn = _sklearn_proba(estimator)
+    return LoadedModel(manifest=manifest, predict_proba=fn)
+
+
+def encode_predictions(model: LoadedModel, proba: np.ndarray) -> list[dict[str, Any]]:
+    """One response item per row; built from plain lists, not per-row pydantic objects."""
+    version = model.version
+    return [
+        {
+            "prediction": best,
+            "species": CLASSES[best],
+            "probabilities": dict(zip(CLASSES, row, strict=True)),
+            "model_version": version,
+        }
+        for best, row in zip(proba.argmax(axis=1).tolist(), proba.tolist(), strict=True)
+    ]
