@@ -1,0 +1,262 @@
+"""Admin routes: tenants, keys, staff users, model versions. Auditors get 403, other tenants 404.
+
+Every change is written together with its audit event, in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Depends, Request, status
+from sqlmodel import Session
+
+from auth.dependencies import AdminCaller, State
+from auth.passwords import hash_password
+from auth.principals import Scope, Staff
+from service.errors import (
+    Conflict,
+    Forbidden,
+    InvalidCredentials,
+    MissingCredentials,
+    NotFound,
+    ValidationFailed,
+    error_responses,
+)
+from service.serving.registry import ModelError, list_versions, read_manifest
+from tenants import audit, repository
+from tenants.schemas import (
+    KeyCreate,
+    KeyIssued,
+    KeyPublic,
+    KeyRotate,
+    ModelsPublic,
+    ModelVersionPublic,
+    TenantCreate,
+    TenantPublic,
+    TenantUpdate,
+    UserCreate,
+    UserPublic,
+)
+
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    responses=error_responses(MissingCredentials, InvalidCredentials, Forbidden, NotFound),
+)
+_WRITE_ERRORS = error_responses(Conflict, ValidationFailed)
+
+
+def db_session(state: State) -> Iterator[Session]:
+    with Session(state.engine) as session:
+        yield session
+
+
+DbSession = Annotated[Session, Depends(db_session)]
+
+
+def _audit(
+    session: Session,
+    request: Request,
+    staff: Staff,
+    action: str,
+    target: str,
+    tenant_id: str | None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    audit.record(
+        session,
+        actor=staff.username,
+        action=action,
+        target=target,
+        tenant_id=tenant_id,
+        request_id=request.state.request_id,
+        details=details,
+    )
+    session.commit()
+
+
+def _platform_only(staff: Staff) -> None:
+    if staff.tenant_id is not None:
+        raise Forbidden("Only platform admins may do this.")
+
+
+def _tenant_public(tenant: Any) -> TenantPublic:
+    return TenantPublic.model_validate(tenant, from_attributes=True)
+
+
+# Tenants
+
+
+@router.post(
+    "/tenants", status_code=status.HTTP_201_CREATED, response_model=TenantPublic,
+    responses=_WRITE_ERRORS,
+)  # fmt: skip
+def create_tenant(
+    request: Request, data: TenantCreate, staff: AdminCaller, session: DbSession, state: State
+) -> TenantPublic:
+    _platform_only(staff)
+    tenant = repository.create_tenant(
+        session,
+        data,
+        default_rate_limit=state.settings.default_rate_limit,
+        default_max_batch=state.settings.max_batch_size,
+    )
+    public = _tenant_public(tenant)
+    _audit(session, request, staff, "tenant.create", tenant.id, tenant.id, data.model_dump())
+    return public
+
+
+@router.get("/tenants", response_model=list[TenantPublic])
+def list_tenants(staff: AdminCaller, session: DbSession) -> list[TenantPublic]:
+    return [_tenant_public(t) for t in repository.list_tenants(session, scope=staff.tenant_id)]
+
+
+@router.get("/tenants/{tenant_id}", response_model=TenantPublic)
+def get_tenant(tenant_id: str, staff: AdminCaller, session: DbSession) -> TenantPublic:
+    return _tenant_public(repository.get_tenant(session, tenant_id, scope=staff.tenant_id))
+
+
+@router.patch("/tenants/{tenant_id}", response_model=TenantPublic, responses=_WRITE_ERRORS)
+def update_tenant(
+    request: Request, tenant_id: str, data: TenantUpdate, staff: AdminCaller, session: DbSession
+) -> TenantPublic:
+    tenant, changes = repository.update_tenant(session, tenant_id, data, scope=staff.tenant_id)
+    public = _tenant_public(tenant)
+    action = {"suspended": "tenant.suspend", "active": "tenant.activate"}.get(
+        changes.get("status", ""), "tenant.update"
+    )
+    _audit(session, request, staff, action, tenant.id, tenant.id, changes)
+    return public
+
+
+# API keys
+
+
+@router.post(
+    "/tenants/{tenant_id}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyIssued,
+    responses=_WRITE_ERRORS,
+)  # fmt: skip
+def issue_key(
+    request: Request,
+    tenant_id: str,
+    data: KeyCreate,
+    staff: AdminCaller,
+    session: DbSession,
+    state: State,
+) -> KeyIssued:
+    tenant = repository.get_tenant(session, tenant_id, scope=staff.tenant_id)
+    pepper = state.settings.api_key_pepper.get_secret_value()
+    key, token = repository.issue_key(session, tenant, data, pepper=pepper)
+    public = repository.key_public(key)
+    _audit(session, request, staff, "key.issue", key.id, tenant.id, {"name": data.name})
+    return KeyIssued(**public.model_dump(), key=token)
+
+
+@router.get("/tenants/{tenant_id}/keys", response_model=list[KeyPublic])
+def list_keys(tenant_id: str, staff: AdminCaller, session: DbSession) -> list[KeyPublic]:
+    keys = repository.list_keys(session, tenant_id, scope=staff.tenant_id)
+    return [repository.key_public(k) for k in keys]
+
+
+@router.post("/keys/{key_id}/revoke", response_model=KeyPublic)
+def revoke_key(request: Request, key_id: str, staff: AdminCaller, session: DbSession) -> KeyPublic:
+    key = repository.get_key(session, key_id, scope=staff.tenant_id)
+    repository.revoke_key(session, key)
+    public = repository.key_public(key)
+    _audit(session, request, staff, "key.revoke", key.id, key.tenant_id)
+    return public
+
+
+@router.post(
+    "/keys/{key_id}/rotate", status_code=status.HTTP_201_CREATED, response_model=KeyIssued,
+    responses=_WRITE_ERRORS,
+)  # fmt: skip
+def rotate_key(
+    request: Request,
+    key_id: str,
+    staff: AdminCaller,
+    session: DbSession,
+    state: State,
+    data: KeyRotate | None = None,
+) -> KeyIssued:
+    grace = (data or KeyRotate()).grace_seconds
+    old = repository.get_key(session, key_id, scope=staff.tenant_id)
+    if repository.key_status(old) == "revoked":
+        raise Conflict("A revoked key cannot be rotated; issue a new one.")
+    tenant = repository.get_tenant(session, old.tenant_id, scope=staff.tenant_id)
+    replacement = KeyCreate.model_construct(
+        name=old.name, scopes=cast(list[Scope], old.scopes.split()), rate_limit=old.rate_limit,
+        expires_at=old.expires_at,
+    )  # fmt: skip
+    pepper = state.settings.api_key_pepper.get_secret_value()
+    key, token = repository.issue_key(session, tenant, replacement, pepper=pepper)
+    repository.revoke_key(session, old, after_seconds=grace)
+    public = repository.key_public(key)
+    details = {"replaced_by": key.id, "grace_seconds": grace}
+    _audit(session, request, staff, "key.rotate", old.id, old.tenant_id, details)
+    return KeyIssued(**public.model_dump(), key=token)
+
+
+# Staff users
+
+
+@router.post(
+    "/users", status_code=status.HTTP_201_CREATED, response_model=UserPublic,
+    responses=_WRITE_ERRORS,
+)  # fmt: skip
+def create_user(
+    request: Request, data: UserCreate, staff: AdminCaller, session: DbSession
+) -> UserPublic:
+    if staff.tenant_id is not None:
+        if data.tenant_id is None:
+            raise Forbidden("Tenant admins create users of their own tenant only.")
+        repository.get_tenant(session, data.tenant_id, scope=staff.tenant_id)
+    user = repository.create_user(session, data, password_hash=hash_password(data.password))
+    public = UserPublic.model_validate(user, from_attributes=True)
+    details = {"username": user.username, "role": user.role}
+    _audit(session, request, staff, "user.create", user.id, user.tenant_id, details)
+    return public
+
+
+# Model versions
+
+
+def _models_public(state: State) -> ModelsPublic:
+    return ModelsPublic(
+        active=state.models.current.version,
+        versions=[
+            ModelVersionPublic.model_validate(m.public())
+            for m in list_versions(state.settings.model_dir)
+        ],
+    )
+
+
+@router.get("/models", response_model=ModelsPublic)
+async def list_models(staff: AdminCaller, state: State) -> ModelsPublic:
+    return _models_public(state)
+
+
+@router.post("/models/{version}/activate", response_model=ModelsPublic, responses=_WRITE_ERRORS)
+async def activate_model(
+    request: Request, version: str, staff: AdminCaller, state: State
+) -> ModelsPublic:
+    _platform_only(staff)
+    try:
+        read_manifest(state.settings.model_dir, version)
+    except ModelError:
+        raise NotFound(f"No model version {version!r}.") from None
+    try:
+        # Load here first: a version that fails its checksum is refused, not half-activated.
+        await state.models.activate(version)
+    except ModelError as exc:
+        raise Conflict(str(exc)) from None
+
+    def store() -> None:
+        with Session(state.engine) as session:
+            repository.set_active_model(session, version)
+            _audit(session, request, staff, "model.activate", version, None)
+
+    await asyncio.to_thread(store)
+    return _models_public(state)

@@ -1,0 +1,136 @@
+"""The auditor's API: usage records (filter, page, summarise, export) and the admin audit log."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from sqlmodel import Session
+
+from auth.dependencies import AuditorCaller, State
+from service.errors import (
+    Forbidden,
+    InvalidCredentials,
+    MissingCredentials,
+    NotFound,
+    ValidationFailed,
+    error_responses,
+)
+from tenants import audit, usage_queries
+from tenants.schemas import AuditEventPage
+from tenants.usage_queries import GroupBy, UsageFilter
+
+router = APIRouter(
+    prefix="/v1/audit",
+    tags=["audit"],
+    responses=error_responses(
+        MissingCredentials, InvalidCredentials, Forbidden, NotFound, ValidationFailed
+    ),
+)
+
+
+class UsageRecordPublic(BaseModel):
+    id: str
+    at: datetime
+    request_id: str
+    tenant_id: str
+    key_id: str
+    method: str
+    path: str
+    status_code: int
+    items: int
+    latency_ms: float
+    model_version: str | None
+
+
+class UsagePage(BaseModel):
+    items: list[UsageRecordPublic]
+    next_cursor: str | None
+
+
+class UsageGroup(BaseModel):
+    group: str
+    requests: int
+    predictions: int
+    errors: int
+
+
+class UsageSummary(BaseModel):
+    groups: list[UsageGroup]
+
+
+def usage_filter(
+    staff: AuditorCaller,
+    tenant_id: str | None = None,
+    key_id: str | None = None,
+    start: Annotated[datetime | None, Query(alias="from")] = None,
+    end: Annotated[datetime | None, Query(alias="to")] = None,
+    status_code: Annotated[int | None, Query(ge=100, le=599)] = None,
+    path: str | None = None,
+) -> UsageFilter:
+    """The query's filters, narrowed to the caller's tenant when they have one."""
+    return UsageFilter(tenant_id, key_id, start, end, status_code, path).scoped(staff.tenant_id)
+
+
+Filters = Annotated[UsageFilter, Depends(usage_filter)]
+
+
+@router.get("/usage", response_model=UsagePage)
+async def list_usage(
+    state: State,
+    filters: Filters,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> UsagePage:
+    def read() -> UsagePage:
+        with Session(state.engine) as session:
+            rows, next_cursor = usage_queries.page(session, filters, limit=limit, cursor=cursor)
+            return UsagePage(
+                items=[UsageRecordPublic.model_validate(r, from_attributes=True) for r in rows],
+                next_cursor=next_cursor,
+            )
+
+    return await asyncio.to_thread(read)
+
+
+@router.get("/usage/summary", response_model=UsageSummary)
+async def usage_summary(
+    state: State, filters: Filters, group_by: GroupBy = "tenant"
+) -> UsageSummary:
+    def read() -> UsageSummary:
+        with Session(state.engine) as session:
+            groups = usage_queries.summary(session, filters, group_by)
+            return UsageSummary(groups=[UsageGroup(**g) for g in groups])
+
+    return await asyncio.to_thread(read)
+
+
+@router.get(
+    "/usage/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "One row per record"}},
+)
+async def export_usage(state: State, filters: Filters) -> StreamingResponse:
+    return StreamingResponse(
+        usage_queries.export_csv(state.engine, filters),
+        media_type="text/csv",
+        headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
+    )
+
+
+@router.get("/events", response_model=AuditEventPage)
+async def list_events(
+    staff: AuditorCaller,
+    state: State,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> AuditEventPage:
+    def read() -> AuditEventPage:
+        with Session(state.engine) as session:
+            return audit.list_events(session, scope=staff.tenant_id, limit=limit, cursor=cursor)
+
+    return await asyncio.to_thread(read)

@@ -1,0 +1,150 @@
+"""API shapes: what admins send (Create / Update) and what they get back (Public)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+from auth.passwords import MIN_PASSWORD_LENGTH
+from auth.principals import ALL_SCOPES, Role, Scope
+from service.ratelimit import parse_limit
+
+
+def _valid_limit(value: str | None) -> str | None:
+    if value is not None:
+        parse_limit(value)
+    return value
+
+
+RateLimitText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=64),
+    AfterValidator(_valid_limit),
+    Field(examples=["600/minute"], description="`<count>/<second|minute|hour|day>`"),
+]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantCreate(Strict):
+    name: Name
+    rate_limit: RateLimitText | None = None
+    max_batch_size: int | None = Field(default=None, ge=1, le=100_000)
+    monthly_quota: int | None = Field(default=None, ge=0, description="predictions per month")
+
+
+class TenantUpdate(Strict):
+    name: Name | None = None
+    rate_limit: RateLimitText | None = None
+    max_batch_size: int | None = Field(default=None, ge=1, le=100_000)
+    monthly_quota: int | None = Field(default=None, ge=0)
+    status: Literal["active", "suspended"] | None = None
+
+
+class TenantPublic(BaseModel):
+    id: str
+    name: str
+    status: Literal["active", "suspended"]
+    rate_limit: str
+    max_batch_size: int
+    monthly_quota: int | None
+    created_at: datetime
+
+
+class KeyCreate(Strict):
+    name: Name
+    scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES), min_length=1)
+    rate_limit: RateLimitText | None = None
+    expires_at: datetime | None = None
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware_future(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        if value <= datetime.now(UTC):
+            raise ValueError("expires_at must be in the future")
+        return value
+
+
+class KeyRotate(Strict):
+    grace_seconds: int = Field(default=0, ge=0, le=86_400)
+
+
+class KeyPublic(BaseModel):
+    id: str
+    prefix: str = Field(description="The key's public start, to recognise it in logs and lists")
+    name: str
+    scopes: list[Scope]
+    rate_limit: str | None
+    expires_at: datetime | None
+    status: Literal["active", "revoked"]
+    created_at: datetime
+    tenant_id: str
+
+
+class KeyIssued(KeyPublic):
+    key: str = Field(description="The API key. Shown in this response only: store it now.")
+
+
+class UserCreate(Strict):
+    username: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=100)]
+    password: Annotated[str, StringConstraints(min_length=MIN_PASSWORD_LENGTH, max_length=1024)]
+    role: Role
+    tenant_id: str | None = None
+
+
+class UserPublic(BaseModel):
+    id: str
+    username: str
+    role: Role
+    tenant_id: str | None
+    created_at: datetime
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+
+
+class ModelVersionPublic(BaseModel):
+    version: str
+    algorithm: str
+    sha256: str
+    metrics: dict[str, float]
+    created_at: datetime
+
+
+class ModelsPublic(BaseModel):
+    active: str
+    versions: list[ModelVersionPublic]
+
+
+class AuditEventPublic(BaseModel):
+    id: str
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    details: dict[str, Any]
+    request_id: str | None
+
+
+class AuditEventPage(BaseModel):
+    items: list[AuditEventPublic]
+    next_cursor: str | None
