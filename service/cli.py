@@ -1,0 +1,285 @@
+"""`tenantserve`: serve, train models, migrate, and run tenants, keys and users without HTTP.
+
+No command takes a password or secret on its command line: they come from the environment
+or a prompt, so they never land in shell history or `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.config import Settings, get_settings
+
+NEW_USER_PASSWORD_ENV = "TENANTSERVE_NEW_USER_PASSWORD"
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            message = f"TENANTSERVE_{str(error['loc'][0]).upper()}: {message}"
+        sys.exit(f"tenantserve: refusing to start: {message}")
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def serve(_args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.logging import configure_logging, stdlib_logging_config
+    from service.main import ensure_bootstrap_admin
+    from service.serving.registry import ensure_default_versions
+    from tenants.database import make_engine, upgrade
+
+    settings = _settings()
+    configure_logging(settings)
+    trained = ensure_default_versions(settings.model_dir)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)  # once, before any worker starts
+    ensure_bootstrap_admin(engine, settings)
+    engine.dispose()
+    if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tenantserve-metrics-")
+    if settings.env == "development":
+        hint = (
+            f"Serving on http://{settings.host}:{settings.port} (docs at /docs)."
+            + (f" Trained model versions {', '.join(trained)}." if trained else "")
+            + "\nGet a first API key (in another terminal):\n"
+            "  .venv/bin/tenantserve tenants create --name demo\n"
+            "  .venv/bin/tenantserve keys issue --tenant demo --name first-key\n"
+        )
+        print(hint, file=sys.stderr, flush=True)
+    uvicorn.run(
+        "service.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_config=stdlib_logging_config(settings),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+
+
+def train(args: argparse.Namespace) -> None:
+    from service.serving.registry import ModelError
+    from service.serving.registry import train as train_version
+
+    try:
+        manifest = train_version(_settings().model_dir, args.version, args.algorithm)
+    except ModelError as exc:
+        sys.exit(f"tenantserve: {exc}")
+    _print(manifest.public())
+
+
+def list_models(_args: argparse.Namespace) -> None:
+    from service.serving.registry import list_versions
+
+    _print([m.public() for m in list_versions(_settings().model_dir)])
+
+
+def db_upgrade(_args: argparse.Namespace) -> None:
+    from tenants.database import make_engine, upgrade
+
+    upgrade(make_engine(_settings().database_url))
+    print("database schema is up to date")
+
+
+def _with_session(action: Callable[[Any, Settings], Any]) -> Any:
+    """Run an operator action in one transaction, with the audit trail naming the CLI."""
+    from sqlmodel import Session
+
+    from service.errors import AppError
+    from tenants.database import make_engine, upgrade
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    with Session(engine) as session:
+        try:
+            result = action(session, settings)
+            session.commit()
+        except AppError as exc:
+            sys.exit(f"tenantserve: {exc.detail}")
+        except ValidationError as exc:
+            sys.exit(f"tenantserve: {exc.errors()[0]['msg']}")
+    return result
+
+
+def _audit(session: Any, action: str, target: str, tenant_id: str | None) -> None:
+    from tenants import audit
+
+    actor = f"cli:{getpass.getuser()}"
+    audit.record(session, actor=actor, action=action, target=target, tenant_id=tenant_id,
+                 request_id=None)  # fmt: skip
+
+
+def create_tenant(args: argparse.Namespace) -> None:
+    from tenants import repository
+    from tenants.schemas import TenantCreate, TenantPublic
+
+    def action(session: Any, settings: Settings) -> Any:
+        data = TenantCreate(
+            name=args.name, rate_limit=args.rate_limit, max_batch_size=args.max_batch_size,
+            monthly_quota=args.monthly_quota,
+        )  # fmt: skip
+        tenant = repository.create_tenant(
+            session, data, default_rate_limit=settings.default_rate_limit,
+            default_max_batch=settings.max_batch_size,
+        )  # fmt: skip
+        _audit(session, "tenant.create", tenant.id, tenant.id)
+        return TenantPublic.model_validate(tenant, from_attributes=True).model_dump(mode="json")
+
+    _print(_with_session(action))
+
+
+def list_tenants(_args: argparse.Namespace) -> None:
+    from tenants import repository
+    from tenants.schemas import TenantPublic
+
+    _print(
+        _with_session(
+            lambda session, _s: [
+                TenantPublic.model_validate(t, from_attributes=True).model_dump(mode="json")
+                for t in repository.list_tenants(session, scope=None)
+            ]
+        )
+    )
+
+
+def issue_key(args: argparse.Namespace) -> None:
+    from tenants import repository
+    from tenants.schemas import KeyCreate
+
+    def action(session: Any, settings: Settings) -> Any:
+        tenant = repository.find_tenant(session, args.tenant)
+        data = KeyCreate(name=args.name, scopes=args.scopes, rate_limit=args.rate_limit)
+        pepper = settings.api_key_pepper.get_secret_value()
+        key, token = repository.issue_key(session, tenant, data, pepper=pepper)
+        _audit(session, "key.issue", key.id, tenant.id)
+        return {**repository.key_public(key).model_dump(mode="json"), "key": token}
+
+    issued = _with_session(action)
+    _print(issued)
+    print("\nStore this key now: it is not shown again. Try it:\n"
+          f"  curl -s -X POST http://127.0.0.1:8000/v1/predict -H 'X-API-Key: {issued['key']}' "
+          "-H 'Content-Type: application/json' \\\n"
+          "    -d '{\"sepal_length\": 5.1, \"sepal_width\": 3.5, \"petal_length\": 1.4, "
+          "\"petal_width\": 0.2}'", file=sys.stderr)  # fmt: skip
+
+
+def list_keys(args: argparse.Namespace) -> None:
+    from tenants import repository
+
+    def action(session: Any, _settings: Settings) -> Any:
+        tenant = repository.find_tenant(session, args.tenant)
+        return [
+            repository.key_public(k).model_dump(mode="json")
+            for k in repository.list_keys(session, tenant.id, scope=None)
+        ]
+
+    _print(_with_session(action))
+
+
+def revoke_key(args: argparse.Namespace) -> None:
+    from tenants import repository
+
+    def action(session: Any, _settings: Settings) -> Any:
+        key = repository.revoke_key(session, repository.get_key(session, args.key_id, scope=None))
+        _audit(session, "key.revoke", key.id, key.tenant_id)
+        return repository.key_public(key).model_dump(mode="json")
+
+    _print(_with_session(action))
+
+
+def create_user(args: argparse.Namespace) -> None:
+    from auth.passwords import hash_password
+    from tenants import repository
+    from tenants.schemas import UserCreate, UserPublic
+
+    password = os.environ.get(NEW_USER_PASSWORD_ENV) or getpass.getpass("Password: ")
+
+    def action(session: Any, _settings: Settings) -> Any:
+        tenant_id = repository.find_tenant(session, args.tenant).id if args.tenant else None
+        data = UserCreate(username=args.username, password=password, role=args.role,
+                          tenant_id=tenant_id)  # fmt: skip
+        user = repository.create_user(session, data, password_hash=hash_password(password))
+        _audit(session, "user.create", user.id, user.tenant_id)
+        return UserPublic.model_validate(user, from_attributes=True).model_dump(mode="json")
+
+    _print(_with_session(action))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tenantserve", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="command")
+
+    def command(
+        group: Any, name: str, handler: Callable[[argparse.Namespace], None], text: str
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def group(name: str, text: str) -> Any:
+        return commands.add_parser(name, help=text).add_subparsers(required=True, metavar="action")
+
+    command(commands, "serve", serve, "Serve the API (migrates, trains defaults if none).")
+
+    models = group("models", "Model versions in TENANTSERVE_MODEL_DIR.")
+    train_cmd = command(models, "train", train, "Train a version on scikit-learn's iris data.")
+    train_cmd.add_argument("--version", required=True)
+    train_cmd.add_argument("--algorithm", choices=["logreg", "forest"], default="logreg")
+    command(models, "list", list_models, "List the versions.")
+
+    db = group("db", "The database schema.")
+    command(db, "upgrade", db_upgrade, "Apply the schema migrations.")
+
+    tenants = group("tenants", "Tenants.")
+    create = command(tenants, "create", create_tenant, "Create a tenant.")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rate-limit")
+    create.add_argument("--max-batch-size", type=int)
+    create.add_argument("--monthly-quota", type=int)
+    command(tenants, "list", list_tenants, "List tenants.")
+
+    keys = group("keys", "API keys.")
+    issue = command(keys, "issue", issue_key, "Issue a key (printed once).")
+    issue.add_argument("--tenant", required=True, help="tenant id or name")
+    issue.add_argument("--name", required=True)
+    issue.add_argument("--scopes", nargs="+", default=["predict", "usage:read"])
+    issue.add_argument("--rate-limit")
+    command(keys, "list", list_keys, "List a tenant's keys.").add_argument(
+        "--tenant", required=True
+    )
+    command(keys, "revoke", revoke_key, "Revoke a key now.").add_argument("key_id")
+
+    users = group("users", "Staff users.")
+    user = command(
+        users, "create", create_user,
+        f"Create a staff user; the password comes from ${NEW_USER_PASSWORD_ENV} or a prompt.",
+    )  # fmt: skip
+    user.add_argument("--username", required=True)
+    user.add_argument("--role", choices=["admin", "auditor"], required=True)
+    user.add_argument("--tenant", help="restrict the user to this tenant (id or name)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    args.handler(args)

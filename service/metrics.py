@@ -1,0 +1,55 @@
+"""Prometheus metrics; correct across workers through prometheus_client's multiprocess mode.
+
+`tenantserve serve` points `PROMETHEUS_MULTIPROC_DIR` at a fresh folder before the workers
+start, and `/metrics` then sums every worker's files.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUESTS = Counter(
+    "tenantserve_requests_total", "HTTP requests answered", ["route", "method", "status"]
+)
+LATENCY = Histogram(
+    "tenantserve_request_duration_seconds",
+    "Time from request to response",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+PREDICTIONS = Counter("tenantserve_predictions_total", "Predictions served", ["model_version"])
+BATCH_SIZE = Histogram(
+    "tenantserve_batch_items",
+    "Items per batch request",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000),
+)
+REJECTIONS = Counter("tenantserve_rejections_total", "Requests refused by a limit", ["reason"])
+USAGE_QUEUE = Gauge(
+    "tenantserve_usage_queue_depth",
+    "Usage records waiting to be written",
+    multiprocess_mode="livesum",
+)
+MODEL_INFO = Gauge(
+    "tenantserve_model_info",
+    "The model version a worker serves (1) ",
+    ["version", "algorithm"],
+    multiprocess_mode="livemax",
+)
+
+
+def render() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,177 @@
+"""The one middleware every request passes, written as plain ASGI (no BaseHTTPMiddleware).
+
+In order: a request id (the caller's if well-formed), a body-size guard that also counts
+chunked bodies, the response headers of the contract, a last-resort 500 in problem+json,
+then — once the response is sent — the usage record, the metrics and the one log line.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.config import Settings
+from service.errors import PROBLEM_CONTENT_TYPE, PayloadTooLarge, problem_body
+from service.logging import anonymise_ip
+from service.state import AppState
+from tenants.models import new_id
+
+log = structlog.get_logger("tenantserve.request")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_UNRECORDED = frozenset({"/health", "/ready", "/metrics"})
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive`: an HTTPException, so FastAPI's body reader lets it through."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413)
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+        self.app = app
+        self.max_body = settings.max_body_bytes
+        self.log_features = settings.log_features
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = self._request_id(scope)
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        response: dict[str, Any] = {"status": 500, "started": False}
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+                response["started"] = True
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                window = state.get("rate_window")
+                if window is not None:
+                    headers["X-RateLimit-Limit"] = str(window.limit)
+                    headers["X-RateLimit-Remaining"] = str(window.remaining)
+                    headers["X-RateLimit-Reset"] = str(window.retry_after)
+            await send(message)
+
+        try:
+            if self._declared_length(scope) > self.max_body:
+                await self._send_problem(send_with_headers, PayloadTooLarge(), request_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_headers)
+        except Exception:
+            log.exception("unhandled_error", request_id=request_id)
+            if not response["started"]:
+                await self._send_problem(send_with_headers, None, request_id)
+        finally:
+            self._finish(scope, state, response["status"], started)
+
+    @staticmethod
+    def _request_id(scope: Scope) -> str:
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate: str = value.decode("latin-1")
+                if _REQUEST_ID.match(candidate):
+                    return candidate
+                break
+        return uuid.uuid4().hex
+
+    @staticmethod
+    def _declared_length(scope: Scope) -> int:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return 0
+        return 0
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Count the body as it arrives, so a chunked body cannot slip past the limit."""
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge()
+            return message
+
+        return receive_limited
+
+    @staticmethod
+    async def _send_problem(send: Send, error: PayloadTooLarge | None, request_id: str) -> None:
+        status = error.status_code if error else 500
+        body = problem_body(
+            status=status,
+            code=error.code if error else "internal_error",
+            title=error.title if error else "Internal server error",
+            detail=error.detail if error else "An unexpected error occurred; it has been logged.",
+            request_id=request_id,
+        )
+        headers = [
+            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if error:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _finish(self, scope: Scope, state: dict[str, Any], status: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        path: str = scope["path"]
+        route = scope.get("route")
+        route_path = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(route_path, scope["method"], str(status)).inc()
+        metrics.LATENCY.labels(route_path).observe(elapsed)
+        fields: dict[str, Any] = {
+            "request_id": state["request_id"],
+            "method": scope["method"],
+            "path": path,
+            "status_code": status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "client": anonymise_ip(scope["client"][0] if scope.get("client") else None),
+        }
+        customer = state.get("customer")
+        if customer is not None and path not in _UNRECORDED:
+            items = state.get("items", 0)
+            model_version = state.get("model_version")
+            fields.update(
+                tenant_id=customer.tenant_id,
+                key_id=customer.key_id,
+                model_version=model_version,
+                items=items,
+            )
+            app_state: AppState = scope["app"].state.tenantserve
+            app_state.usage.add(
+                {
+                    "id": new_id(),
+                    "at": state["received_at"],
+                    "request_id": state["request_id"],
+                    "tenant_id": customer.tenant_id,
+                    "key_id": customer.key_id,
+                    "method": scope["method"],
+                    "path": path[:200],
+                    "status_code": status,
+                    "items": items,
+                    "latency_ms": fields["duration_ms"],
+                    "model_version": model_version,
+                }
+            )
+        if self.log_features and "features" in state:
+            fields["features"] = state["features"]
+        log.info("request", **fields)

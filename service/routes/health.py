@@ -1,0 +1,71 @@
+"""Liveness, readiness and metrics: public, never limited, never metered."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from pydantic import BaseModel
+from sqlalchemy import text
+
+from auth.dependencies import State
+from service import metrics
+from service.state import AppState
+
+router = APIRouter(tags=["operations"])
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]
+
+
+def _database_ok(state: AppState) -> bool:
+    with state.engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    return True
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    return Health()
+
+
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "A dependency is down"}},
+)
+async def ready(state: State) -> Response:
+    try:
+        database = await asyncio.wait_for(asyncio.to_thread(_database_ok, state), timeout=3)
+    except Exception:
+        database = False
+    limiter_ok = await state.limiter.ping()
+    checks = {
+        "model": f"ok ({state.models.current.version})",
+        "database": "ok" if database else "unreachable",
+        # Down shared storage degrades limits to per-process ones; serving goes on.
+        "rate_limit_storage": state.limiter.status if limiter_ok else "degraded",
+    }
+    strict_down = state.settings.rate_limit_strict and not limiter_ok
+    status = "ready" if database and not strict_down else "not_ready"
+    body = Readiness(status=status, checks=checks)
+    return Response(
+        body.model_dump_json(),
+        status_code=200 if status == "ready" else 503,
+        media_type="application/json",
+    )
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def prometheus_metrics(state: State) -> Response:
+    metrics.USAGE_QUEUE.set(state.usage.depth)
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

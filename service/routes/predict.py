@@ -1,0 +1,94 @@
+"""`POST /v1/predict` and `/v1/predict/batch`: limit → validate → quota → predict → answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from auth.dependencies import State
+from auth.principals import Customer
+from service import metrics
+from service.errors import (
+    Forbidden,
+    InvalidCredentials,
+    MissingCredentials,
+    Overloaded,
+    PayloadTooLarge,
+    QuotaExceeded,
+    RateLimited,
+    ValidationFailed,
+    error_responses,
+)
+from service.guards import PredictCaller, reserve_quota
+from service.serving.features import parse_batch, parse_single
+from service.serving.runtime import encode_predictions
+from service.serving.schemas import BatchPrediction, BatchRequest, Features, Prediction
+from service.state import AppState
+
+router = APIRouter(tags=["predict"])
+_ERRORS = error_responses(
+    MissingCredentials, InvalidCredentials, Forbidden, PayloadTooLarge, ValidationFailed,
+    RateLimited, QuotaExceeded, Overloaded,
+)  # fmt: skip
+
+
+def _body_schema(model: type[Features] | type[BatchRequest]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+async def _predict(
+    request: Request, state: AppState, customer: Customer, rows: np.ndarray
+) -> tuple[str, list[dict[str, Any]]]:
+    if state.settings.log_features:
+        request.state.features = rows.tolist()
+    reservation = await reserve_quota(state, customer, len(rows))
+    try:
+        model, proba = await state.batcher.predict(rows)
+    except BaseException:
+        await reservation.release()
+        raise
+    request.state.items = len(rows)
+    request.state.model_version = model.version
+    metrics.PREDICTIONS.labels(model.version).inc(len(rows))
+    return model.version, encode_predictions(model, proba)
+
+
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.post(
+    "/v1/predict",
+    response_model=Prediction,
+    responses=_ERRORS,
+    openapi_extra=_body_schema(Features),
+    summary="Predict the species of one iris",
+)
+async def predict(request: Request, state: State, customer: PredictCaller) -> Response:
+    rows = parse_single(await request.body())
+    _, predictions = await _predict(request, state, customer, rows)
+    return _json(predictions[0])
+
+
+@router.post(
+    "/v1/predict/batch",
+    response_model=BatchPrediction,
+    responses=_ERRORS,
+    openapi_extra=_body_schema(BatchRequest),
+    summary="Predict many irises in one call, answers in input order",
+)
+async def predict_batch(request: Request, state: State, customer: PredictCaller) -> Response:
+    cap = min(customer.max_batch_size, state.settings.max_batch_size)
+    rows = parse_batch(await request.body(), cap=cap)
+    metrics.BATCH_SIZE.observe(len(rows))
+    version, predictions = await _predict(request, state, customer, rows)
+    return _json({"predictions": predictions, "model_version": version})
