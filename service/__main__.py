@@ -1,0 +1,5 @@
+"""`python -m service …` is `tenantserve …`."""
+
+from service.cli import main
+
+main()

@@ -1,0 +1,279 @@
+"""Real parts only: SQLite files, a PostgreSQL database, Redis, trained models, real servers.
+
+On a laptop without PostgreSQL or Redis the tests that need them skip with a reason; in CI
+(`CI=true`) they fail instead, so a missing service can never pass for green.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from service.config import Settings
+from service.main import create_app
+from service.serving.registry import ensure_default_versions
+from tenants.database import make_engine, upgrade
+
+PG_ADMIN_DSN = os.environ.get(
+    "TENANTSERVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("TENANTSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ADMIN_USERNAME = "platform-admin"
+ADMIN_PASSWORD = "correct horse battery staple"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("usage_records", "audit_events", "api_keys", "users", "tenants")
+FEATURES = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+
+
+def unavailable(what: str) -> None:
+    """Fail in CI, skip elsewhere: a test that needs a real service never passes without it."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but unreachable")
+    pytest.skip(f"{what} unreachable on this machine")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("models")
+    ensure_default_versions(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    name = f"tenantserve_test_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        unavailable("PostgreSQL")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_DSN.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0]
+    yield f"{url}/{name}"
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'tenantserve.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each test that takes this runs on both databases, starting from empty tables."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    engine = make_engine(url)
+    upgrade(engine)
+    with engine.begin() as connection:
+        for table in TABLES:
+            connection.execute(text(f"DELETE FROM {table}"))
+        connection.execute(
+            text("UPDATE control_state SET auth_epoch = 0, active_model_version = NULL")
+        )
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.flushdb()
+    except redis.RedisError:
+        unavailable("Redis")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def make_settings(database_url: str, model_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "env": "test",
+            "database_url": database_url,
+            "model_dir": model_dir,
+            "bootstrap_admin_username": ADMIN_USERNAME,
+            "bootstrap_admin_password": ADMIN_PASSWORD,
+            "usage_flush_interval_ms": 50,
+            "usage_spill_dir": tmp_path / "spill",
+            "state_poll_interval_ms": 100,
+            "signin_rate_limit": "1000/minute",
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    """The real app, lifespan and all, over httpx; on both databases."""
+    with TestClient(create_app(make_settings()), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+# Helpers that act as the platform's users would
+
+
+def admin_token(
+    client: httpx.Client | TestClient,
+    username: str = ADMIN_USERNAME,
+    password: str = ADMIN_PASSWORD,
+) -> str:
+    response = client.post("/v1/auth/token", data={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def create_tenant(client: httpx.Client | TestClient, token: str, **fields: Any) -> dict[str, Any]:
+    fields.setdefault("name", f"tenant-{uuid.uuid4().hex[:8]}")
+    response = client.post("/v1/admin/tenants", json=fields, headers=bearer(token))
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def issue_key(
+    client: httpx.Client | TestClient, token: str, tenant_id: str, **fields: Any
+) -> dict[str, Any]:
+    fields.setdefault("name", "test key")
+    response = client.post(
+        f"/v1/admin/tenants/{tenant_id}/keys", json=fields, headers=bearer(token)
+    )
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+@dataclass
+class Customer:
+    token: str
+    tenant: dict[str, Any]
+    key: dict[str, Any]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key["key"]}
+
+
+def new_customer(
+    client: httpx.Client | TestClient,
+    token: str | None = None,
+    *,
+    tenant: dict[str, Any] | None = None,
+    **key_fields: Any,
+) -> Customer:
+    """A tenant (unless given) with one fresh key."""
+    token = token or admin_token(client)
+    tenant = tenant or create_tenant(client, token)
+    return Customer(token, tenant, issue_key(client, token, tenant["id"], **key_fields))
+
+
+# Real servers in subprocesses, for what only a real process shows (workers, signals, stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10, **kwargs)
+
+    def stop(self, timeout: float = 40) -> int:
+        """SIGTERM, as an orchestrator would, and wait for the graceful exit."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def live_server(env: dict[str, str], log_path: Path, *, workers: int = 1) -> Iterator[LiveServer]:
+    """`tenantserve serve` with these settings on a free loopback port, until the block ends."""
+    port = free_port()
+    full_env = {
+        key: value for key, value in os.environ.items() if not key.startswith("TENANTSERVE_")
+    }
+    full_env.update(
+        {
+            "TENANTSERVE_HOST": "127.0.0.1",
+            "TENANTSERVE_PORT": str(port),
+            "TENANTSERVE_WORKERS": str(workers),
+            "TENANTSERVE_ENV": "test",
+            "TENANTSERVE_BOOTSTRAP_ADMIN_USERNAME": ADMIN_USERNAME,
+            "TENANTSERVE_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "TENANTSERVE_USAGE_FLUSH_INTERVAL_MS": "50",
+            "TENANTSERVE_STATE_POLL_INTERVAL_MS": "100",
+            "TENANTSERVE_SIGNIN_RATE_LIMIT": "1000/minute",
+            **env,
+        }
+    )
+    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            cwd=log_path.parent,
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        _wait_until_healthy(server, workers)
+        yield server
+    finally:
+        server.stop()
+
+
+def _wait_until_healthy(server: LiveServer, workers: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    started = 0
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.output()[-3000:]}")
+        started = server.output().count('"event":"started"')
+        if started >= workers:
+            try:
+                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"server not healthy ({started} workers started):\n{server.output()[-3000:]}"
+    )
