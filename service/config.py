@@ -21,7 +21,11 @@ class SettingsError(ValueError):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="TENANTSERVE_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="TENANTSERVE_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        use_attribute_docstrings=True,
     )
 
     env: Literal["development", "production", "test"] = "development"
@@ -94,7 +98,11 @@ class Settings(BaseSettings):
     """Failed-and-successful sign-in attempts allowed per username and per client address."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Least severe level written."""
+
     log_format: Literal["json", "console"] = "json"
+    """`json`: one object a line (for machines); `console`: for people at a terminal."""
+
     log_features: bool = False
     """Log feature values of predictions (off: they may be personal data)."""
 
@@ -102,8 +110,13 @@ class Settings(BaseSettings):
     """Comma-separated extra field names to mask in logs, on top of the built-in list."""
 
     host: str = "127.0.0.1"
+    """Address `tenantserve serve` listens on (0.0.0.0 in the container)."""
+
     port: int = Field(default=8000, ge=1, le=65535)
+    """Port `tenantserve serve` listens on."""
+
     workers: int = Field(default=1, ge=1, le=64)
+    """Worker processes of `tenantserve serve`."""
 
     @field_validator("default_rate_limit", "signin_rate_limit")
     @classmethod
@@ -111,6 +124,13 @@ class Settings(BaseSettings):
         from service.ratelimit import parse_limit
 
         parse_limit(value)
+        return value
+
+    @field_validator("bootstrap_admin_password")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 12:
+            raise ValueError("must be at least 12 characters")
         return value
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ def _read(state: AppState) -> tuple[int, str | None]:
 
 async def poll_changes(state: AppState, *, initial_epoch: int) -> None:
     epoch = initial_epoch
+    refused_version: str | None = None  # a version that failed to load: said once, not 4x/s
     interval = state.settings.state_poll_interval_ms / 1000
     while True:
         await asyncio.sleep(interval)
@@ -44,9 +45,10 @@ async def poll_changes(state: AppState, *, initial_epoch: int) -> None:
         if new_epoch != epoch:
             state.keys.clear()
             epoch = new_epoch
-        if version and version != state.models.current.version:
+        if version and version not in (state.models.current.version, refused_version):
             try:
                 await state.models.activate(version)
                 log.info("model_activated", model_version=version)
             except (ModelError, OSError) as exc:
+                refused_version = version
                 log.error("model_activation_failed", model_version=version, error=str(exc))
