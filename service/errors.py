@@ -10,13 +10,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+log = structlog.get_logger("tenantserve.errors")
 
 
 class AppError(Exception):
@@ -175,8 +179,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return problem_response(error, request_id_of(request))
 
 
+async def _database_unreachable(request: Request, exc: Exception) -> Response:
+    # A lost connection is an outage to report as 503, not a bug to report as 500.
+    log.warning("database_unreachable", error=type(exc).__name__, path=request.url.path)
+    return problem_response(
+        NotReady("The database is unreachable; try again shortly."), request_id_of(request)
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
+    for outage in (OperationalError, InterfaceError, SQLAlchemyTimeoutError):
+        app.add_exception_handler(outage, _database_unreachable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
