@@ -7,6 +7,7 @@ exception — leaves through `problem_response`, so clients parse exactly one sh
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -103,6 +104,11 @@ _ERRORS_BY_STATUS: dict[int, type[AppError]] = {
 }
 
 
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
 class Problem(BaseModel):
     """The error body (RFC 9457 problem details)."""
 
@@ -112,7 +118,7 @@ class Problem(BaseModel):
     detail: str
     code: str
     request_id: str
-    errors: list[dict[str, Any]] | None = None
+    errors: list[FieldError] | None = None
 
 
 def problem_body(
@@ -173,8 +179,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 400:
         # FastAPI answers an unreadable body with 400; to clients it is invalid input.
         error: AppError = ValidationFailed([{"loc": ["body"], "msg": "malformed request body"}])
-    else:
-        error = _ERRORS_BY_STATUS.get(exc.status_code, AppError)()
+    elif exc.status_code in _ERRORS_BY_STATUS:
+        error = _ERRORS_BY_STATUS[exc.status_code]()
+    else:  # a status no route raises today (406, 415 …): kept, never turned into a 500
+        error = AppError(str(exc.detail))
+        error.status_code, error.title = exc.status_code, HTTPStatus(exc.status_code).phrase
+        error.code = error.title.lower().replace(" ", "_").replace("-", "_")
     error.headers.update(exc.headers or {})
     return problem_response(error, request_id_of(request))
 
@@ -193,6 +203,7 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(outage, _database_unreachable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    _document_problems(app)
 
 
 def error_responses(*errors: type[AppError]) -> dict[int | str, dict[str, Any]]:
@@ -206,3 +217,43 @@ def error_responses(*errors: type[AppError]) -> dict[int | str, dict[str, Any]]:
         codes = [c for c in entry["description"].split(", ") if c]
         entry["description"] = ", ".join([*codes, f"`{cls.code}`"])
     return declared
+
+
+_PROBLEM_REF = "#/components/schemas/Problem"
+_FASTAPI_422_REF = "#/components/schemas/HTTPValidationError"
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the handlers send: problem+json, never FastAPI's shapes.
+
+    NOTE: FastAPI files a `responses=` model under `application/json` and adds its own 422
+    schema to every route with parameters; both describe bodies this server never sends.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "Problem" not in components:
+            problem_schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(problem_schema.pop("$defs", {}), Problem=problem_schema)
+        problem = {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": _PROBLEM_REF}}}
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            responses = operation.setdefault("responses", {})
+            for status, response in responses.items():
+                content = response.get("content", {}).values()
+                refs = {media.get("schema", {}).get("$ref") for media in content}
+                if str(status)[0] in "45" and refs & {_PROBLEM_REF, _FASTAPI_422_REF}:
+                    response["content"] = problem
+                    if _FASTAPI_422_REF in refs:
+                        response["description"] = f"`{ValidationFailed.code}`"
+            # The middleware turns any unhandled exception into this, on every route.
+            responses.setdefault("500", {"description": f"`{AppError.code}`", "content": problem})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            if f"#/components/schemas/{unused}" not in orjson.dumps(schema).decode():
+                components.pop(unused, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -16,10 +16,12 @@ from service.errors import (
     Forbidden,
     InvalidCredentials,
     MissingCredentials,
+    NotReady,
     Overloaded,
     PayloadTooLarge,
     QuotaExceeded,
     RateLimited,
+    TenantSuspended,
     ValidationFailed,
     error_responses,
 )
@@ -31,8 +33,8 @@ from service.state import AppState
 
 router = APIRouter(tags=["predict"])
 _ERRORS = error_responses(
-    MissingCredentials, InvalidCredentials, Forbidden, PayloadTooLarge, ValidationFailed,
-    RateLimited, QuotaExceeded, Overloaded,
+    MissingCredentials, InvalidCredentials, Forbidden, TenantSuspended, PayloadTooLarge,
+    ValidationFailed, RateLimited, QuotaExceeded, Overloaded, NotReady,
 )  # fmt: skip
 
 

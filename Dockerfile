@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# tenantserve: build with `docker build -t tenantserve .`, run with
+#   docker run -p 8000:8000 -e TENANTSERVE_ENV=production \
+#     -e TENANTSERVE_JWT_SECRET=... -e TENANTSERVE_API_KEY_PEPPER=... tenantserve
+# SQLite lives in /app/data (mount a volume there), or point TENANTSERVE_DATABASE_URL at PostgreSQL.
+
+# --- build: a wheel of the project and of every dependency; no compilers reach the image ---
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service/ service/
+COPY auth/ auth/
+COPY tenants/ tenants/
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# --- runtime: the wheels installed, the model versions trained, a non-root user ---
+FROM python:3.11-slim AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TENANTSERVE_HOST=0.0.0.0 \
+    TENANTSERVE_PORT=8000 \
+    TENANTSERVE_MODEL_DIR=/app/models \
+    TENANTSERVE_DATABASE_URL=sqlite:////app/data/tenantserve.db \
+    TENANTSERVE_USAGE_SPILL_DIR=/app/data/usage-spill
+RUN groupadd --system --gid 10001 tenantserve \
+    && useradd --system --uid 10001 --gid tenantserve --home-dir /app --no-create-home \
+        --shell /usr/sbin/nologin tenantserve
+WORKDIR /app
+# The wheels are bind-mounted, not copied: they never become a layer of the image.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/tenantserve-*.whl
+# Trained at build time, owned by root: the server reads its models and cannot change them.
+RUN python -c "import os, pathlib; \
+from service.serving.registry import ensure_default_versions; \
+print(ensure_default_versions(pathlib.Path(os.environ['TENANTSERVE_MODEL_DIR'])))" \
+    && mkdir /app/data \
+    && chown tenantserve:tenantserve /app/data
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('TENANTSERVE_PORT', '8000') + '/health', timeout=4)"]
+# Exec form: uvicorn is PID 1 and gets SIGTERM itself, so in-flight requests and queued usage
+# records are drained (allow ~30 s: `docker stop --time 35`).
+CMD ["tenantserve", "serve"]

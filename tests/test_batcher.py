@@ -1,0 +1,204 @@
+"""Micro-batching changes when rows are computed, never what comes back or who computed it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.datasets import load_iris
+
+from service.serving.batcher import MicroBatcher
+from service.serving.registry import load_artifact
+from service.serving.runtime import LoadedModel, load_model
+
+VERSIONS = ("v1-forest", "v2-logreg")
+POISON = 13.13  # a valid measurement that the fussy model below refuses to compute
+Outcome = tuple[LoadedModel, np.ndarray] | BaseException
+
+
+@pytest.fixture(scope="module")
+def models(model_dir: Path) -> dict[str, LoadedModel]:
+    return {version: load_model(model_dir, version) for version in VERSIONS}
+
+
+def rows_of(sizes: Sequence[int], seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0.1, 30.0, size=(size, 4)) for size in sizes]
+
+
+def predict_concurrently(
+    current: Callable[[], LoadedModel],
+    parts: Sequence[np.ndarray],
+    *,
+    enabled: bool,
+    max_rows: int = 2048,
+    max_wait_us: int = 0,
+    arrivals: Sequence[int] = (),
+) -> list[Outcome]:
+    """One request per part, all in flight at once; `arrivals[i]` loop turns before request i."""
+    batcher = MicroBatcher(current, enabled=enabled, max_rows=max_rows, max_wait_us=max_wait_us)
+
+    async def request(rows: np.ndarray, delay: int) -> tuple[LoadedModel, np.ndarray]:
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        return await batcher.predict(rows)
+
+    async def all_requests() -> list[Outcome]:
+        delays = itertools.chain(arrivals, itertools.repeat(0))
+        calls = [request(rows, delay) for rows, delay in zip(parts, delays, strict=False)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        return asyncio.run(all_requests())
+    finally:
+        batcher.close()
+
+
+def counting(model: LoadedModel, calls: list[int]) -> LoadedModel:
+    """The same model, noting the row count of every call it gets."""
+
+    def predict_proba(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        return model.predict_proba(rows)
+
+    return LoadedModel(model.manifest, predict_proba)
+
+
+def fussy(model: LoadedModel) -> LoadedModel:
+    """The same model, except that any call containing a POISON value fails."""
+
+    def predict_proba(rows: np.ndarray) -> np.ndarray:
+        if np.any(rows == POISON):
+            raise ValueError("cannot compute a poisoned row")
+        return model.predict_proba(rows)
+
+    return LoadedModel(model.manifest, predict_proba)
+
+
+def assert_identical(outcome: Outcome, expected: np.ndarray, model: LoadedModel) -> None:
+    assert not isinstance(outcome, BaseException), repr(outcome)
+    reported, proba = outcome
+    assert reported.version == model.version
+    assert proba.dtype == expected.dtype and proba.shape == expected.shape
+    assert proba.tobytes() == expected.tobytes(), "batched answer differs from unbatched"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 25), min_size=1, max_size=40),
+    seed=st.integers(0, 2**32 - 1),
+    max_rows=st.integers(1, 300),
+    max_wait_us=st.sampled_from([0, 0, 200]),
+    arrivals=st.lists(st.integers(0, 3), max_size=40),
+)
+def test_batched_answers_are_bit_identical_to_unbatched(
+    models: dict[str, LoadedModel],
+    version: str,
+    sizes: list[int],
+    seed: int,
+    max_rows: int,
+    max_wait_us: int,
+    arrivals: list[int],
+) -> None:
+    model = models[version]
+    parts = rows_of(sizes, seed)
+    options: dict[str, Any] = {"max_rows": max_rows, "max_wait_us": max_wait_us}
+    alone = predict_concurrently(lambda: model, parts, enabled=False, **options)
+    calls: list[int] = []
+    shared = counting(model, calls)
+    options["arrivals"] = arrivals
+    together = predict_concurrently(lambda: shared, parts, enabled=True, **options)
+    for single, batched in zip(alone, together, strict=True):
+        assert not isinstance(single, BaseException)
+        assert_identical(batched, single[1], model)
+    assert sum(calls) == sum(sizes), "every row computed exactly once"
+    assert len(calls) <= len(parts)
+
+
+def test_concurrent_requests_share_one_model_call(models: dict[str, LoadedModel]) -> None:
+    calls: list[int] = []
+    model = counting(models["v2-logreg"], calls)
+    parts = rows_of([1] * 50, seed=1)
+    outcomes = predict_concurrently(lambda: model, parts, enabled=True)
+    assert calls == [50]
+    for outcome, rows in zip(outcomes, parts, strict=True):
+        assert_identical(outcome, models["v2-logreg"].predict_proba(rows), model)
+
+
+def test_the_batch_cap_splits_calls(models: dict[str, LoadedModel]) -> None:
+    calls: list[int] = []
+    model = counting(models["v2-logreg"], calls)
+    predict_concurrently(lambda: model, rows_of([3] * 10, seed=2), enabled=True, max_rows=7)
+    assert calls == [6, 6, 6, 6, 6]  # whole requests only, never more than 7 rows
+
+
+def test_numpy_logistic_regression_matches_scikit_learn(model_dir: Path) -> None:
+    _, estimator = load_artifact(model_dir, "v2-logreg")
+    fast = load_model(model_dir, "v2-logreg")
+    iris, _ = load_iris(return_X_y=True)
+    rows = np.vstack([iris, *rows_of([1000], seed=3), np.full((1, 4), 30.0), np.full((1, 4), 1e-9)])
+    expected = estimator.predict_proba(rows)
+    np.testing.assert_allclose(fast.predict_proba(rows), expected, rtol=0, atol=1e-12)
+    assert np.array_equal(fast.predict_proba(rows).argmax(axis=1), estimator.predict(rows))
+
+
+@pytest.mark.parametrize("max_rows", [2048, 7])
+def test_one_failing_request_fails_alone(models: dict[str, LoadedModel], max_rows: int) -> None:
+    model = fussy(models["v2-logreg"])
+    parts = rows_of([2, 3, 1, 4, 2, 5, 1, 2], seed=4)
+    parts[3][1, 2] = POISON
+    outcomes = predict_concurrently(lambda: model, parts, enabled=True, max_rows=max_rows)
+    failure = outcomes[3]
+    assert isinstance(failure, ValueError)
+    assert "poisoned" in str(failure)
+    for index, (outcome, rows) in enumerate(zip(outcomes, parts, strict=True)):
+        if index != 3:
+            assert_identical(outcome, models["v2-logreg"].predict_proba(rows), model)
+
+
+def test_a_request_that_goes_away_does_not_disturb_the_others(
+    models: dict[str, LoadedModel],
+) -> None:
+    model = models["v1-forest"]
+    parts = rows_of([2] * 6, seed=5)
+    batcher = MicroBatcher(lambda: model, enabled=True, max_rows=2048, max_wait_us=0)
+
+    async def scenario() -> list[Outcome]:
+        tasks = [asyncio.create_task(batcher.predict(rows)) for rows in parts]
+        await asyncio.sleep(0)  # every request is queued; the batch has not run yet
+        tasks[2].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        batcher.close()
+    assert isinstance(outcomes[2], asyncio.CancelledError)
+    for index, (outcome, rows) in enumerate(zip(outcomes, parts, strict=True)):
+        if index != 2:
+            assert_identical(outcome, model.predict_proba(rows), model)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_reported_version_is_the_one_that_computed(
+    models: dict[str, LoadedModel], enabled: bool
+) -> None:
+    """The active version flips between every batch; each answer names its real author."""
+    flips = itertools.cycle([models["v1-forest"], models["v2-logreg"]])
+    parts = rows_of([1, 2, 3, 1, 1, 4, 2, 2, 1, 3, 1, 1], seed=6)
+    outcomes = predict_concurrently(lambda: next(flips), parts, enabled=enabled, max_rows=4)
+    reported = set()
+    for outcome, rows in zip(outcomes, parts, strict=True):
+        assert not isinstance(outcome, BaseException)
+        model = outcome[0]
+        assert_identical(outcome, model.predict_proba(rows), model)
+        reported.add(model.version)
+    assert reported == set(VERSIONS), "the switch should have happened between batches"
