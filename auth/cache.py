@@ -20,6 +20,12 @@ _UNKNOWN_TTL_S: Final = 1.0  # an unknown key id with a valid checksum: look aga
 class KeyCache:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, KeyRecord | None, Customer | None]] = {}
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Read before a database lookup and handed back to `put`."""
+        return self._generation
 
     def get(self, key_id: str) -> tuple[bool, KeyRecord | None, Customer | None]:
         """(hit, record, customer); a hit with no record means the key id does not exist."""
@@ -28,7 +34,12 @@ class KeyCache:
             return False, None, None
         return True, entry[1], entry[2]
 
-    def put(self, key_id: str, record: KeyRecord | None) -> Customer | None:
+    def put(self, key_id: str, record: KeyRecord | None, *, generation: int) -> Customer | None:
+        """Cache what was read, unless the cache was cleared while it was being read.
+
+        A lookup that started before a revocation and finished after the clear it caused holds
+        the old row; caching it would let the revoked key in for another whole TTL.
+        """
         customer = None
         if record is not None:
             customer = Customer(
@@ -39,6 +50,8 @@ class KeyCache:
                 max_batch_size=record.max_batch_size,
                 monthly_quota=record.monthly_quota,
             )
+        if generation != self._generation:
+            return customer
         if len(self._entries) > 100_000:  # bounded: invented key ids cannot grow it forever
             self._entries.clear()
         ttl = _TTL_S if record is not None else _UNKNOWN_TTL_S
@@ -47,3 +60,4 @@ class KeyCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._generation += 1

@@ -53,11 +53,12 @@ async def _verified_key(state: AppState, token: str) -> tuple[KeyRecord, Custome
         raise InvalidCredentials(headers=_KEY_CHALLENGE)
     hit, record, customer = state.keys.get(key_id)
     if not hit:
+        generation = state.keys.generation
         try:
             record = await asyncio.to_thread(_load_record, state, key_id)
         except SQLAlchemyError:
             raise NotReady("The database is unreachable; try again shortly.") from None
-        customer = state.keys.put(key_id, record)
+        customer = state.keys.put(key_id, record, generation=generation)
     pepper = state.settings.api_key_pepper.get_secret_value()
     if record is None or customer is None or not keys.matches(token, record.key_hash, pepper):
         raise InvalidCredentials(headers=_KEY_CHALLENGE)

@@ -277,3 +277,73 @@ def _wait_until_healthy(server: LiveServer, workers: int, timeout: float = 60) -
     raise RuntimeError(
         f"server not healthy ({started} workers started):\n{server.output()[-3000:]}"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the key, staff-auth, tenant-scoping, route-security and CLI tests
+
+STAFF_PASSWORD = "another long staff password"
+
+
+def new_staff(
+    client: httpx.Client | TestClient, token: str, *, role: str, tenant_id: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """A staff user created by the admin holding `token`, and a fresh token of the new user's."""
+    username = f"{role}-{uuid.uuid4().hex[:8]}"
+    fields = {"username": username, "password": STAFF_PASSWORD, "role": role}
+    response = client.post(
+        "/v1/admin/users", json={**fields, "tenant_id": tenant_id}, headers=bearer(token)
+    )
+    assert response.status_code == 201, response.text
+    return dict(response.json()), admin_token(client, username, STAFF_PASSWORD)
+
+
+def audit_events(client: httpx.Client | TestClient, token: str) -> list[dict[str, Any]]:
+    """The audit log as `token`'s holder may read it, newest first."""
+    response = client.get("/v1/audit/events", params={"limit": 1000}, headers=bearer(token))
+    assert response.status_code == 200, response.text
+    return list(response.json()["items"])
+
+
+def wait_for(condition: Callable[[], bool], *, within: float, since: float | None = None) -> float:
+    """Seconds from `since` (default: now) to the start of the first check that held.
+
+    Fails the test when no check started within `within` seconds held.
+    """
+    started = time.monotonic() if since is None else since
+    while True:
+        attempt = time.monotonic()
+        if condition():
+            return attempt - started
+        if attempt - started >= within:
+            pytest.fail(f"not so {attempt - started:.2f} s later (allowed: {within} s)")
+        time.sleep(0.02)
+
+
+def api_routes(app: Any) -> set[tuple[str, str]]:
+    """(method, path template) of every API route of `app`, those behind `include_router` too.
+
+    Since FastAPI 0.137 `app.routes` holds one opaque entry per included router, so a plain
+    walk finds almost nothing and every "all routes" test would pass vacuously;
+    `iter_route_contexts` resolves them, prefixes included.
+    """
+    from fastapi.routing import APIRoute, iter_route_contexts
+
+    routes = {
+        (method, str(context.path))
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute)
+        for method in context.methods or ()
+    }
+    assert ("POST", "/v1/predict") in routes, f"route listing is broken: {sorted(routes)}"
+    return routes
+
+
+def stored_rows(database_url: str, sql: str, **params: Any) -> list[Any]:
+    """Rows as the database holds them, for what no API shows (hashes, counts, raw audit rows)."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text(sql), params).all())
+    finally:
+        engine.dispose()
