@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import logging.config
+import os
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
@@ -42,6 +43,11 @@ class Redactor:
     def __init__(self, extra_keys: Iterable[str] = ()) -> None:
         self._keys = SENSITIVE_KEYS | {k.strip().lower() for k in extra_keys if k.strip()}
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Redactor:
+        """The built-in keys plus the operator's `TENANTSERVE_LOG_REDACT_KEYS` (comma-separated)."""
+        return cls(settings.log_redact_keys.split(","))
+
     def __call__(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
         return self._mapping(event_dict)
 
@@ -70,6 +76,44 @@ def _drop_color_message(_logger: Any, _method: str, event_dict: EventDict) -> Ev
     return event_dict
 
 
+def _add_pid(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    # With several workers, the pid tells which process served a request or logged an error.
+    event_dict["pid"] = os.getpid()
+    return event_dict
+
+
+# Address candidates in free text. Not after `://` or `@`: a URL's host is a server (uvicorn's
+# "running on http://…", a database), never a client. IPv6 candidates need two colons.
+_IPV4_CANDIDATE = re.compile(r"(?<![\w.])(?<!://)(?<!@)(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
+_IPV6_CANDIDATE = re.compile(
+    r"(?<![\w:.\[])(?<!://\[)(?<!@\[)\[?[0-9A-Fa-f]*(?::[0-9A-Fa-f.]*){2,}\]?"
+)
+
+
+def _anonymised_address(match: re.Match[str]) -> str:
+    text = match.group()
+    # uvicorn writes a client as "host:port", also for IPv6 ("::1:53122"): try with and
+    # without a trailing port; what is no address either way (a time, a version) stays.
+    host, separator, port = text, "", ""
+    if anonymise_ip(host.strip("[]")) is None:
+        host, separator, port = text.rpartition(":")
+    anonymised = anonymise_ip(host.strip("[]"))
+    if anonymised is None:
+        return text
+    if host.startswith("[") or (port and ":" in anonymised):
+        anonymised = f"[{anonymised}]"  # an IPv6 address before a port reads as one
+    return anonymised + separator + port
+
+
+def _anonymise_foreign_addresses(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """Library lines are free text: uvicorn writes a WebSocket client's full address in them."""
+    event = event_dict.get("event")
+    if isinstance(event, str) and any(c in event for c in ".:"):
+        event = _IPV6_CANDIDATE.sub(_anonymised_address, event)
+        event_dict["event"] = _IPV4_CANDIDATE.sub(_anonymised_address, event)
+    return event_dict
+
+
 def _orjson_bytes(obj: Any, **_kw: Any) -> bytes:
     return orjson.dumps(obj, default=str)
 
@@ -79,13 +123,22 @@ def _orjson_text(obj: Any, **_kw: Any) -> str:
 
 
 def _shared_processors(settings: Settings) -> list[Processor]:
+    # Tracebacks become data before the Redactor runs, so a secret in an exception message is
+    # masked too; never with frame locals (they hold keys, peppers, request bodies). People at
+    # a console get the plain text traceback: ConsoleRenderer cannot print the dict form.
+    exceptions = (
+        structlog.processors.format_exc_info
+        if settings.log_format == "console"
+        else structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+    )
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_pid,
         _drop_color_message,
-        structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
-        Redactor(settings.log_redact_keys.split(",")),
+        exceptions,
+        Redactor.from_settings(settings),
     ]
 
 
@@ -122,7 +175,11 @@ def stdlib_formatter(settings: Settings | None = None) -> logging.Formatter:
 
     settings = settings or get_settings()
     return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_shared_processors(settings),
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            _anonymise_foreign_addresses,
+            *_shared_processors(settings),
+        ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _renderer(settings, as_bytes=False),

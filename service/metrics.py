@@ -41,10 +41,23 @@ USAGE_QUEUE = Gauge(
 )
 MODEL_INFO = Gauge(
     "tenantserve_model_info",
-    "The model version a worker serves (1) ",
+    "1 for the model version a live worker serves, 0 for versions it served before",
     ["version", "algorithm"],
     multiprocess_mode="livemax",
 )
+
+
+def model_served(version: str, algorithm: str) -> None:
+    """Mark this worker's model, and zero the ones it served before.
+
+    NOTE: zeroed, not removed: in multiprocess mode a removed label keeps its last value in
+    the worker's file, so an activated-away version would show 1 for ever.
+    """
+    for family in MODEL_INFO.collect():
+        for sample in family.samples:
+            if sample.labels != {"version": version, "algorithm": algorithm}:
+                MODEL_INFO.labels(**sample.labels).set(0)
+    MODEL_INFO.labels(version, algorithm).set(1)
 
 
 def render() -> tuple[bytes, str]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from typing import Any
 
 import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -22,7 +22,7 @@ from service.config import Settings
 from service.errors import PROBLEM_CONTENT_TYPE, PayloadTooLarge, problem_body
 from service.logging import anonymise_ip
 from service.state import AppState
-from tenants.models import new_id
+from tenants.models import fast_id
 
 log = structlog.get_logger("tenantserve.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -48,6 +48,9 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         request_id = self._request_id(scope)
+        # Every line logged while serving this request carries its id, whoever logs it.
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         response: dict[str, Any] = {"status": 500, "started": False}
@@ -70,8 +73,10 @@ class RequestMiddleware:
                 await self._send_problem(send_with_headers, PayloadTooLarge(), request_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_headers)
+        except ClientDisconnect:
+            response["status"] = 499  # the client left before sending its body: nobody to answer
         except Exception:
-            log.exception("unhandled_error", request_id=request_id)
+            log.exception("unhandled_error")
             if not response["started"]:
                 await self._send_problem(send_with_headers, None, request_id)
         finally:
@@ -85,7 +90,7 @@ class RequestMiddleware:
                 if _REQUEST_ID.match(candidate):
                     return candidate
                 break
-        return uuid.uuid4().hex
+        return fast_id()
 
     @staticmethod
     def _declared_length(scope: Scope) -> int:
@@ -159,7 +164,7 @@ class RequestMiddleware:
             app_state: AppState = scope["app"].state.tenantserve
             app_state.usage.add(
                 {
-                    "id": new_id(),
+                    "id": fast_id(),
                     "at": state["received_at"],
                     "request_id": state["request_id"],
                     "tenant_id": customer.tenant_id,

@@ -66,6 +66,7 @@ async def ready(state: State) -> Response:
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def prometheus_metrics(state: State) -> Response:
+    # Gauges of state, refreshed when scraped: the answering worker's as of now.
     metrics.USAGE_QUEUE.set(state.usage.depth)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
