@@ -10,6 +10,7 @@ import argparse
 import getpass
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -38,22 +39,30 @@ def _print(data: Any) -> None:
 
 
 def serve(_args: argparse.Namespace) -> None:
+    settings = _settings()  # refuse bad settings at once, before the heavy imports
+
     import uvicorn
 
     from service.logging import configure_logging, stdlib_logging_config
-    from service.main import ensure_bootstrap_admin
-    from service.serving.registry import ensure_default_versions
+    from service.main import ensure_bootstrap_admin, startup_version
+    from service.serving.registry import ModelError, ensure_default_versions, load_artifact
     from tenants.database import make_engine, upgrade
 
-    settings = _settings()
     configure_logging(settings)
     trained = ensure_default_versions(settings.model_dir)
     engine = make_engine(settings.database_url)
     upgrade(engine)  # once, before any worker starts
     ensure_bootstrap_admin(engine, settings)
+    version, _ = startup_version(engine, settings)
     engine.dispose()
+    try:
+        load_artifact(settings.model_dir, version)  # a refused model stops here, in one line
+    except ModelError as exc:
+        sys.exit(f"tenantserve: refusing to start: {exc}")
+    metrics_dir = None
     if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tenantserve-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix="tenantserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     if settings.env == "development":
         hint = (
             f"Serving on http://{settings.host}:{settings.port} (docs at /docs)."
@@ -72,8 +81,14 @@ def serve(_args: argparse.Namespace) -> None:
         log_config=stdlib_logging_config(settings),
         access_log=False,
         timeout_graceful_shutdown=30,
+        # uvicorn's default of 5 s kills a worker still importing numpy and scikit-learn on a
+        # busy host; its replacement starts just as slowly, so the server never comes up.
+        timeout_worker_healthcheck=30,
         server_header=False,
+        ws="none",  # no WebSocket routes: an upgrade attempt is refused before any app code
     )
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def train(args: argparse.Namespace) -> None:

@@ -19,16 +19,15 @@ from sqlmodel import Session
 
 from auth.cache import KeyCache
 from auth.passwords import hash_password
-from service import metrics
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.logging import configure_logging
 from service.middleware import RequestMiddleware
 from service.ratelimit import RateLimiter
-from service.routes import health, predict
+from service.routes import health, predict, testing
 from service.serving.batcher import MicroBatcher
 from service.serving.models import ModelHolder
-from service.serving.registry import ModelError, newest_version, read_manifest
+from service.serving.registry import ModelError, list_versions, newest_version, read_manifest
 from service.state import AppState
 from service.sync import poll_changes
 from tenants.database import make_engine, upgrade
@@ -59,7 +58,7 @@ def ensure_bootstrap_admin(engine: Engine, settings: Settings) -> None:
             session.rollback()  # another worker created it first
 
 
-def _startup_version(engine: Engine, settings: Settings) -> tuple[str, int]:
+def startup_version(engine: Engine, settings: Settings) -> tuple[str, int]:
     """The version to serve (activated through the API, else configured, else newest)."""
     with Session(engine) as session:
         control = read_control(session)
@@ -77,7 +76,7 @@ def _build_state(settings: Settings) -> tuple[AppState, int]:
     engine = make_engine(settings.database_url)
     upgrade(engine)
     ensure_bootstrap_admin(engine, settings)
-    version, epoch = _startup_version(engine, settings)
+    version, epoch = startup_version(engine, settings)
     models = ModelHolder.load(settings.model_dir, version)
     state = AppState(
         settings=settings,
@@ -102,6 +101,17 @@ def _build_state(settings: Settings) -> tuple[AppState, int]:
     return state, epoch
 
 
+async def _warm_previous_version(state: AppState) -> None:
+    """Load the newest other version too, so activating it (or rolling back) is instant."""
+    serving = state.models.current.version
+    others = [m.version for m in list_versions(state.settings.model_dir) if m.version != serving]
+    if others:
+        try:
+            await state.models.preload(others[-1])
+        except ModelError as exc:
+            log.error("model_refused", model_version=others[-1], error=str(exc))
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -109,15 +119,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.tenantserve = state
     state.usage.start()
     poller = asyncio.create_task(poll_changes(state, initial_epoch=epoch), name="state-poller")
-    manifest = state.models.current.manifest
-    metrics.MODEL_INFO.labels(manifest.version, manifest.algorithm).set(1)
-    log.info("started", model_version=manifest.version, env=settings.env)
+    warmer = asyncio.create_task(_warm_previous_version(state), name="model-warmer")
+    log.info("started", model_version=state.models.current.version, env=settings.env)
     try:
         yield
     finally:
-        poller.cancel()
-        with suppress(asyncio.CancelledError):
-            await poller
+        for task in (poller, warmer):
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
         await state.usage.close()
         state.batcher.close()
         await state.limiter.close()
@@ -145,5 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         audit.router,
     ):
         app.include_router(router)
+    if settings.env == "test":
+        app.include_router(testing.router)  # fails on purpose; never outside tests
     app.add_middleware(RequestMiddleware, settings=settings)
     return app

@@ -27,6 +27,7 @@ class AppState:
     database_ok: bool = True
 
 
-def app_state(connection: HTTPConnection) -> AppState:
+async def app_state(connection: HTTPConnection) -> AppState:
+    # async: FastAPI would run a plain `def` dependency in the thread pool on every request.
     state: AppState = connection.app.state.tenantserve
     return state
