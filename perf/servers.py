@@ -1,0 +1,212 @@
+"""Start and stop the servers that the benchmarks measure: on 127.0.0.1 only, bounded in time.
+
+Each server runs in its own session so that a last-resort kill reaches its workers too; the normal
+stop is SIGTERM and a wait, which is also what the "no usage record lost" check relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+LOOPBACK = "127.0.0.1"
+BIN = Path(
+    sys.executable
+).parent  # the virtualenv's bin: tenantserve and uvicorn live beside python
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    log_file: IO[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def redis_answers(host: str = LOOPBACK, port: int = 6379) -> bool:
+    """A raw PING: the bench must not fail, only fall back to memory://, when Redis is absent."""
+    try:
+        with socket.create_connection((host, port), timeout=1) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start(
+    name: str,
+    command: list[str],
+    *,
+    port: int,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    ready_within: float = 180.0,
+) -> Server:
+    """Start `command` and wait until `GET /health` answers 200; raises (and stops it) if not."""
+    log_file = log_path.open("ab")
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    server = Server(name, process, port, log_path, log_file)
+    deadline = time.monotonic() + ready_within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stop(server)
+            raise RuntimeError(f"{name} exited with {process.returncode}: see {log_path}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop(server)
+    raise RuntimeError(f"{name} did not answer /health within {ready_within:.0f} s: see {log_path}")
+
+
+def stop(server: Server, *, grace: float = 30.0) -> bool:
+    """SIGTERM and wait; True when it exited by itself within `grace`, False when it was killed."""
+    process = server.process
+    clean = True
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            clean = False
+    if process.poll() is None:
+        # Last resort, and only the session this script created: its workers must not outlive it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    server.log_file.close()
+    return clean
+
+
+def tenantserve_env(
+    *,
+    port: int,
+    workers: int,
+    database_url: str,
+    limiter_uri: str,
+    model_dir: Path,
+    admin: tuple[str, str],
+) -> dict[str, str]:
+    """The environment for `tenantserve serve`, free of any TENANTSERVE_* of the caller's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSERVE_")}
+    env.update(
+        TENANTSERVE_HOST=LOOPBACK,
+        TENANTSERVE_PORT=str(port),
+        TENANTSERVE_WORKERS=str(workers),
+        TENANTSERVE_DATABASE_URL=database_url,
+        TENANTSERVE_RATE_LIMIT_STORAGE_URI=limiter_uri,
+        TENANTSERVE_MODEL_DIR=str(model_dir),
+        TENANTSERVE_BOOTSTRAP_ADMIN_USERNAME=admin[0],
+        TENANTSERVE_BOOTSTRAP_ADMIN_PASSWORD=admin[1],
+        TENANTSERVE_LOG_FORMAT="json",
+    )
+    return env
+
+
+def start_tenantserve(env: Mapping[str, str], *, log_path: Path, cwd: Path) -> Server:
+    # cwd is a scratch folder: a developer's .env in the project must not change the figures.
+    return start(
+        "tenantserve",
+        [str(BIN / "tenantserve"), "serve"],
+        port=int(env["TENANTSERVE_PORT"]),
+        log_path=log_path,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def fresh_postgres_database(server_url: str, name: str) -> str:
+    """Drop and create database `name` on the server of `server_url`; returns its SQLAlchemy URL.
+
+    A database of its own, so that the tests' database (`test`) is never touched.
+    """
+    url = make_url(server_url)
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as connection:
+        connection.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (the uvicorn workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def tree_rss_kib(pid: int) -> int:
+    """Resident memory of `pid` and all its descendants, in KiB."""
+    total = 0
+    for member in _tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by `pid` and its live descendants.
+
+    Unlike requests/s, CPU per request hardly moves when other work shares the cores.
+    """
+    ticks = 0
+    for member in _tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
