@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -70,12 +71,11 @@ async def _verified_key(state: AppState, token: str) -> tuple[KeyRecord, Custome
     return record, customer
 
 
-async def customer_caller(
-    request: Request,
-    security: SecurityScopes,
-    state: State,
-    api_key: Annotated[str | None, Security(_api_key_header)],
+async def authenticate_customer(
+    request: Request, state: AppState, api_key: str | None, scopes: Iterable[str]
 ) -> Customer:
+    """The whole customer check; a plain function so the prediction routes skip FastAPI's
+    dependency solver (~100 µs a request for this chain), while other routes use it below."""
     if not api_key:
         raise MissingCredentials(
             "Send your API key in the X-API-Key header.", headers=_KEY_CHALLENGE
@@ -86,12 +86,25 @@ async def customer_caller(
     request.state.received_at = datetime.now(UTC)
     if not record.tenant_active:
         raise TenantSuspended("This tenant is suspended; contact your administrator.")
-    missing = [scope for scope in security.scopes if scope not in customer.scopes]
+    missing = [scope for scope in scopes if scope not in customer.scopes]
     if missing:
         raise Forbidden(f"This key lacks the scope {missing[0]!r}.")
     if state.usage.is_full:
         raise Overloaded("Usage metering is backed up; try again shortly.")
     return customer
+
+
+async def customer_caller(
+    request: Request,
+    security: SecurityScopes,
+    state: State,
+    api_key: Annotated[str | None, Security(_api_key_header)],
+) -> Customer:
+    return await authenticate_customer(request, state, api_key, security.scopes)
+
+
+# For routes that call `authenticate_customer` themselves: the OpenAPI security they declare.
+API_KEY_SECURITY: list[dict[str, list[str]]] = [{_api_key_header.scheme_name: []}]
 
 
 async def staff_caller(state: State, token: Annotated[str | None, Depends(_bearer)]) -> Staff:

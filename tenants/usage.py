@@ -34,15 +34,12 @@ _RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
 
 def _insert_ignoring_duplicates(engine: Engine, rows: list[dict[str, Any]]) -> None:
-    statement: Insert
-    if engine.dialect.name == "postgresql":
-        statement = (
-            postgresql.insert(_TABLE).values(rows).on_conflict_do_nothing(index_elements=["id"])
-        )
-    else:
-        statement = sqlite.insert(_TABLE).values(rows).on_conflict_do_nothing(index_elements=["id"])
+    # One statement, compiled once and cached; SQLAlchemy's "insertmanyvalues" sends the rows
+    # as multi-row INSERTs. (`.values(rows)` would compile a new statement every flush.)
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    statement: Insert = dialect.insert(_TABLE).on_conflict_do_nothing(index_elements=["id"])
     with engine.begin() as connection:
-        connection.execute(statement)
+        connection.execute(statement, rows)
 
 
 class UsageRecorder:

@@ -9,7 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from auth.dependencies import State
+from auth.dependencies import API_KEY_SECURITY
 from auth.principals import Customer
 from service import metrics
 from service.errors import (
@@ -25,7 +25,7 @@ from service.errors import (
     ValidationFailed,
     error_responses,
 )
-from service.guards import PredictCaller, reserve_quota
+from service.guards import predict_caller, reserve_quota
 from service.serving.features import parse_batch, parse_single
 from service.serving.runtime import encode_predictions
 from service.serving.schemas import BatchPrediction, BatchRequest, Features, Prediction
@@ -38,12 +38,14 @@ _ERRORS = error_responses(
 )  # fmt: skip
 
 
-def _body_schema(model: type[Features] | type[BatchRequest]) -> dict[str, Any]:
+def _openapi(model: type[Features] | type[BatchRequest]) -> dict[str, Any]:
+    """What the route's signature would have declared: its body and its caller's key."""
     return {
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
+        },
+        "security": API_KEY_SECURITY,
     }
 
 
@@ -72,10 +74,11 @@ def _json(body: Any) -> Response:
     "/v1/predict",
     response_model=Prediction,
     responses=_ERRORS,
-    openapi_extra=_body_schema(Features),
+    openapi_extra=_openapi(Features),
     summary="Predict the species of one iris",
 )
-async def predict(request: Request, state: State, customer: PredictCaller) -> Response:
+async def predict(request: Request) -> Response:
+    state, customer = await predict_caller(request)
     rows = parse_single(await request.body())
     _, predictions = await _predict(request, state, customer, rows)
     return _json(predictions[0])
@@ -85,10 +88,11 @@ async def predict(request: Request, state: State, customer: PredictCaller) -> Re
     "/v1/predict/batch",
     response_model=BatchPrediction,
     responses=_ERRORS,
-    openapi_extra=_body_schema(BatchRequest),
+    openapi_extra=_openapi(BatchRequest),
     summary="Predict many irises in one call, answers in input order",
 )
-async def predict_batch(request: Request, state: State, customer: PredictCaller) -> Response:
+async def predict_batch(request: Request) -> Response:
+    state, customer = await predict_caller(request)
     cap = min(customer.max_batch_size, state.settings.max_batch_size)
     rows = parse_batch(await request.body(), cap=cap)
     metrics.BATCH_SIZE.observe(len(rows))
