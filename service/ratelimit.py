@@ -4,7 +4,8 @@ NOTE: we use `limits` directly rather than slowapi's decorator or middleware: sl
 middleware skips routes added through `include_router`, a limit raised from a dependency turns
 into a 500, and `limits`' moving window needs two Redis round trips (hit, then window stats)
 where the response headers need both. One Lua script below does hit + stats in a single round
-trip on Redis; in-process we use `limits`' own moving window, which costs no I/O.
+trip on Redis; in-process windows are ours too (see `_LocalWindow`). `limits` parses and
+validates the limit strings.
 
 While Redis is unreachable each process limits with its own in-memory windows (or answers 503
 with `rate_limit_strict`), logs one warning per outage, and tries Redis again every second.
@@ -12,8 +13,10 @@ with `rate_limit_strict`), logs one warning per outage, and tries Redis again ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,50 +24,39 @@ from typing import TypeVar
 
 import structlog
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.errors import Overloaded
+from tenants.models import fast_id
 
 log = structlog.get_logger("tenantserve.ratelimit")
 _RETRY_SHARED_AFTER_S = 1.0
 _QUOTA_TTL_S = 40 * 86400
+_MAX_LOCAL_WINDOWS = 100_000
 T = TypeVar("T")
 
-# KEYS[1]: the key's hit times, newest first. ARGV: limit, window in seconds.
-# Returns {allowed, hits in the window, seconds until the oldest of them leaves it}.
+# KEYS[1]: the key's hits (a sorted set scored by time). ARGV: limit, window seconds, a unique
+# member. Returns {allowed, hits in the window, seconds until the oldest of them leaves it}.
+# Every step is O(log n): fine for limits of a million a minute, unlike a list walked by index.
 _MOVING_WINDOW_LUA = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local start = now - window
-local nth = redis.call('LINDEX', KEYS[1], limit - 1)
-local allowed = 1
-if nth and tonumber(nth) > start then
-  allowed = 0
-else
-  redis.call('LPUSH', KEYS[1], string.format('%.6f', now))
-  redis.call('LTRIM', KEYS[1], 0, limit - 1)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local hits = redis.call('ZCARD', KEYS[1])
+local allowed = 0
+if hits < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+  hits = hits + 1
+  allowed = 1
 end
-local low, high, last = 0, redis.call('LLEN', KEYS[1]) - 1, -1
-while low <= high do
-  local mid = math.floor((low + high) / 2)
-  if tonumber(redis.call('LINDEX', KEYS[1], mid)) > start then
-    last = mid
-    low = mid + 1
-  else
-    high = mid - 1
-  end
-end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
 local reset = 0
-if last >= 0 then
-  reset = tonumber(redis.call('LINDEX', KEYS[1], last)) + window - now
-end
-return {allowed, last + 1, string.format('%.6f', reset)}
+if oldest then reset = tonumber(oldest) + window - now end
+return {allowed, hits, string.format('%.6f', reset)}
 """
 
 # KEYS[1]: the tenant's month counter. ARGV: amount, quota. Returns -1 unseeded, 0 over, 1 ok.
@@ -84,7 +76,8 @@ def parse_limit(text: str) -> RateLimitItem:
         items = parse_many(text)
     except ValueError:
         items = []
-    if len(items) != 1:
+    # A count of 0 parses, but a limit that refuses everything is a typo; suspension says it.
+    if len(items) != 1 or items[0].amount < 1:
         raise ValueError(
             f"invalid rate limit {text!r}: use one '<count>/<period>', e.g. 600/minute"
         )
@@ -107,19 +100,59 @@ class WindowState:
 QuotaSeed = Callable[[], Awaitable[int]]
 
 
+class _LocalWindow:
+    """One key's moving window in this process, as hit counts per time slice.
+
+    NOTE: `limits`' in-memory moving window keeps one list entry per hit and inserts at the
+    front: O(limit) per hit, which took a worker from ~2,000 to ~400 requests/s at a limit of a
+    million a minute. Slices of 1/200 of the window make each hit O(1) amortised. A slice
+    counts until all of it has left the window, so counts err high, never low: the limit is
+    never exceeded in any window, at worst a request is refused 0.5% of a window early.
+    """
+
+    __slots__ = ("hits", "slice_length", "slices")
+
+    def __init__(self, window: float) -> None:
+        self.slice_length = window / 200
+        self.slices: deque[list[float]] = deque()  # [slice start, hits], oldest first
+        self.hits = 0
+
+    def hit(self, limit: int, window: float, now: float) -> WindowState:
+        slices = self.slices
+        while slices and slices[0][0] + self.slice_length <= now - window:
+            self.hits -= int(slices.popleft()[1])
+        allowed = self.hits < limit
+        if allowed:
+            start = now - now % self.slice_length
+            if slices and slices[-1][0] == start:
+                slices[-1][1] += 1
+            else:
+                slices.append([start, 1.0])
+            self.hits += 1
+        reset = slices[0][0] + self.slice_length + window - now if slices else 0.0
+        return WindowState(allowed, limit, limit - self.hits, max(0.0, reset))
+
+
 class _LocalStore:
     """One process's windows and quota counters."""
 
     def __init__(self) -> None:
-        self._windows = MovingWindowRateLimiter(MemoryStorage())
+        self._windows: dict[tuple[str, int], _LocalWindow] = {}
         self._quota_used: dict[str, int] = {}
 
     async def hit(self, key: str, item: RateLimitItem) -> WindowState:
-        allowed = await self._windows.hit(item, key)
-        reset_at, remaining = await self._windows.get_window_stats(item, key)
-        return WindowState(
-            allowed, item.amount, max(0, remaining), max(0.0, reset_at - time.time())
-        )
+        window, now = item.get_expiry(), time.monotonic()
+        state = self._windows.get((key, window))
+        if state is None:
+            if len(self._windows) >= _MAX_LOCAL_WINDOWS:  # e.g. sign-ins with made-up names
+                self._forget_idle(now)
+            state = self._windows[(key, window)] = _LocalWindow(window)
+        return state.hit(item.amount, window, now)
+
+    def _forget_idle(self, now: float) -> None:
+        for (key, window), state in list(self._windows.items()):
+            if not state.slices or state.slices[-1][0] + state.slice_length <= now - window:
+                del self._windows[(key, window)]
 
     async def consume(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> bool:
         if key not in self._quota_used:
@@ -135,6 +168,12 @@ class _LocalStore:
         if key in self._quota_used:
             self._quota_used[key] -= amount
 
+    def forget_quotas(self) -> list[str]:
+        """Drop the quota counters (seeded for an outage); the keys they were for."""
+        keys = list(self._quota_used)
+        self._quota_used.clear()
+        return keys
+
 
 class _RedisStore:
     def __init__(self, uri: str) -> None:
@@ -147,7 +186,7 @@ class _RedisStore:
     async def hit(self, key: str, item: RateLimitItem) -> WindowState:
         allowed, hits, reset = await self._window_script(
             keys=[f"tenantserve:rl:{key}:{item.get_expiry()}"],
-            args=[item.amount, item.get_expiry()],
+            args=[item.amount, item.get_expiry(), fast_id()],
         )
         return WindowState(bool(allowed), item.amount, item.amount - int(hits), float(reset))
 
@@ -161,6 +200,11 @@ class _RedisStore:
 
     async def refund(self, key: str, amount: int) -> None:
         await self.client.decrby(f"tenantserve:quota:{key}", amount)
+
+    async def forget_quotas(self, keys: list[str]) -> None:
+        """Unseed these counters: the next request counts them again from the database."""
+        if keys:
+            await self.client.delete(*(f"tenantserve:quota:{key}" for key in keys))
 
 
 class RateLimiter:
@@ -197,7 +241,8 @@ class RateLimiter:
             except (RedisError, OSError) as exc:
                 self._enter_outage(exc)
             else:
-                self._leave_outage()
+                if self._outage_since is not None:
+                    await self._leave_outage(shared, self._outage_since)
                 return result
         if shared is not None and self._strict:
             raise Overloaded("The shared rate-limit storage is unreachable; try again shortly.")
@@ -213,13 +258,16 @@ class RateLimiter:
                 fallback="overloaded" if self._strict else "per-process limits",
             )
 
-    def _leave_outage(self) -> None:
-        if self._outage_since is not None:
-            log.warning(
-                "rate_limit_storage_restored",
-                outage_seconds=round(time.monotonic() - self._outage_since, 1),
-            )
-            self._outage_since = None
+    async def _leave_outage(self, shared: _RedisStore, since: float) -> None:
+        log.warning(
+            "rate_limit_storage_restored", outage_seconds=round(time.monotonic() - since, 1)
+        )
+        self._outage_since = None
+        # Predictions this process counted meanwhile are missing from Redis's counters, and its
+        # own counters go stale from now on: Redis counts again from the database (where they
+        # land within a flush interval), and the next outage seeds afresh.
+        with contextlib.suppress(RedisError, OSError):
+            await shared.forget_quotas(self._local.forget_quotas())
 
     async def ping(self) -> bool:
         """Readiness: is the shared storage reachable (always true in memory)?"""
