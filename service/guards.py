@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Request, Security
+from fastapi.security import SecurityScopes
 from sqlmodel import Session
 
-from auth.dependencies import CustomerCaller, State, authenticate_customer
+from auth.dependencies import API_KEY_HEADER, State, authenticate_key, authorize
 from auth.principals import Customer
 from service import metrics
 from service.errors import QuotaExceeded, RateLimited
@@ -29,26 +31,42 @@ async def enforce_rate_limit(request: Request, state: AppState, customer: Custom
         )
 
 
-async def limited_customer(request: Request, state: State, customer: CustomerCaller) -> Customer:
+async def admit_customer(
+    request: Request, state: AppState, api_key: str | None, scopes: Iterable[str]
+) -> Customer:
+    """Authentication, then the key's limit, then tenant and scope.
+
+    The limit comes before the 403s so that every answer after authentication carries the
+    rate-limit headers, as customers are promised.
+    """
+    record, customer = await authenticate_key(request, state, api_key)
     await enforce_rate_limit(request, state, customer)
+    authorize(state, record, customer, scopes)
     return customer
 
 
 async def predict_caller(request: Request) -> tuple[AppState, Customer]:
-    """Authenticate, check the tenant, then limit: the prediction routes' first steps.
+    """The prediction routes' gate.
 
     NOTE: called directly, not through `Depends`: on a route this hot FastAPI's dependency
     solver costs more than authentication and limiting together.
     """
     state: AppState = request.app.state.tenantserve
     api_key = request.headers.get("x-api-key")
-    customer = await authenticate_customer(request, state, api_key, _PREDICT_SCOPES)
-    await enforce_rate_limit(request, state, customer)
-    return state, customer
+    return state, await admit_customer(request, state, api_key, _PREDICT_SCOPES)
+
+
+async def usage_caller(
+    request: Request,
+    security: SecurityScopes,
+    state: State,
+    api_key: Annotated[str | None, Security(API_KEY_HEADER)],
+) -> Customer:
+    return await admit_customer(request, state, api_key, security.scopes)
 
 
 _PREDICT_SCOPES = ("predict",)
-UsageCaller = Annotated[Customer, Security(limited_customer, scopes=["usage:read"])]
+UsageCaller = Annotated[Customer, Security(usage_caller, scopes=["usage:read"])]
 
 
 def month_start(now: datetime) -> datetime:

@@ -493,10 +493,6 @@ def test_limit_headers_come_with_validation_errors(client: TestClient) -> None:
         assert response.headers["X-RateLimit-Remaining"] == remaining
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="auth/dependencies.py refuses scope and suspension before the limiter runs",
-)
 def test_limit_headers_come_with_refusals_after_authentication(client: TestClient) -> None:
     token = admin_token(client)
     reader = new_customer(client, token, scopes=["usage:read"])
