@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import structlog
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -59,13 +58,17 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 response["status"] = message["status"]
                 response["started"] = True
-                headers = MutableHeaders(scope=message)
-                headers["X-Request-ID"] = request_id
+                # Appended as raw pairs: no route sets these, and MutableHeaders would scan
+                # and re-encode the whole list once per header.
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
                 window = state.get("rate_window")
                 if window is not None:
-                    headers["X-RateLimit-Limit"] = str(window.limit)
-                    headers["X-RateLimit-Remaining"] = str(window.remaining)
-                    headers["X-RateLimit-Reset"] = str(window.retry_after)
+                    headers += [
+                        (b"x-ratelimit-limit", b"%d" % window.limit),
+                        (b"x-ratelimit-remaining", b"%d" % window.remaining),
+                        (b"x-ratelimit-reset", b"%d" % window.retry_after),
+                    ]
+                message["headers"] = headers
             await send(message)
 
         try:
