@@ -100,7 +100,8 @@ def summary(session: Session, f: UsageFilter, group_by: GroupBy) -> list[dict[st
     if group_by == "day":
         dialect = session.get_bind().dialect.name
         group = (
-            func.to_char(func.date_trunc("day", UsageRecord.at), "YYYY-MM-DD")
+            # In UTC whatever the session's time zone, like every time the API shows.
+            func.to_char(func.timezone("UTC", UsageRecord.at), "YYYY-MM-DD")
             if dialect == "postgresql"
             else func.strftime("%Y-%m-%d", UsageRecord.at)
         )
