@@ -156,14 +156,6 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Run:
 
             client.get("/v1/_test/boom")
 
-        # Not HTTP, so no request line; uvicorn logs it itself, client address included.
-        websocket = {
-            "Connection": "Upgrade",
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version": "13",
-        }
-        assert httpx.get(f"{server.url}/v1/predict", headers=websocket).status_code == 403
         server.stop()  # so that the shutdown lines are checked too
     run.server_url, run.output = server.url, server.output()
     run.secrets = {
@@ -253,9 +245,6 @@ def test_an_internal_error_is_a_bare_500_and_a_masked_traceback_in_the_log(
 def test_no_secret_and_no_full_client_address_anywhere(scenario: Run) -> None:
     for what, secret in scenario.secrets.items():
         assert secret not in scenario.output, f"the {what} is in the log"
-    websocket = [line["event"] for line in scenario.lines() if "WebSocket" in line["event"]]
-    assert websocket
-    assert all(f"{ANONYMISED_CLIENT}:" in event for event in websocket)
     # The one place the loopback address stays: uvicorn's line naming the server's own URL.
     assert CLIENT_ADDRESS not in scenario.output.replace(scenario.server_url, "<server url>")
 

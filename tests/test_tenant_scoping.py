@@ -24,6 +24,7 @@ from tests.conftest import (
     admin_token,
     audit_events,
     bearer,
+    create_tenant,
     new_customer,
     new_staff,
     wait_for,
@@ -49,7 +50,7 @@ AdminCall = Callable[[str, str], Call]
 ADMIN_CALLS: dict[tuple[str, str], AdminCall] = {
     ("GET", "/v1/admin/tenants/{tenant_id}"): lambda t, k: Call("GET", f"/v1/admin/tenants/{t}"),
     ("PATCH", "/v1/admin/tenants/{tenant_id}"): lambda t, k: Call(
-        "PATCH", f"/v1/admin/tenants/{t}", body={"status": "suspended", "rate_limit": "1/day"}
+        "PATCH", f"/v1/admin/tenants/{t}", body={"name": f"renamed-{t}"}
     ),
     ("GET", "/v1/admin/tenants/{tenant_id}/keys"): lambda t, k: Call(
         "GET", f"/v1/admin/tenants/{t}/keys"
@@ -136,6 +137,18 @@ def test_every_route_naming_a_tenant_or_key_is_covered(client: TestClient) -> No
     covered = set(ADMIN_CALLS) | set(AUDIT_CALLS)
     missing = openapi_routes_naming_tenants_or_keys(client) - covered
     assert not missing, f"add these routes to the scoping tables: {sorted(missing)}"
+
+
+def test_a_tenant_admin_cannot_lift_limits_or_a_suspension(client: TestClient) -> None:
+    token = admin_token(client)
+    tenant = create_tenant(client, token)
+    _, own_admin = new_staff(client, token, role="admin", tenant_id=tenant["id"])
+    for change in ({"status": "active"}, {"rate_limit": "1000/second"}, {"monthly_quota": 10**9}):
+        response = client.patch(
+            f"/v1/admin/tenants/{tenant['id']}", json=change, headers=bearer(own_admin)
+        )
+        assert response.status_code == 403, response.text
+        assert response.json()["code"] == "forbidden"
 
 
 def test_other_tenants_objects_are_404_route_by_route(client: TestClient) -> None:

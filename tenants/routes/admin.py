@@ -122,6 +122,7 @@ def get_tenant(tenant_id: str, staff: AdminCaller, session: DbSession) -> Tenant
 def update_tenant(
     request: Request, tenant_id: str, data: TenantUpdate, staff: AdminCaller, session: DbSession
 ) -> TenantPublic:
+    repository.get_tenant(session, tenant_id, scope=staff.tenant_id)  # another tenant's: 404
     commercial = data.model_fields_set & {"status", "rate_limit", "max_batch_size", "monthly_quota"}
     if staff.tenant_id is not None and commercial:
         # A tenant's own admin must not lift a suspension or raise its own limits and quota.
