@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,15 @@ def _sklearn_proba(estimator: Any) -> ProbaFn:
     return predict_proba
 
 
+# NOTE: one load at a time in a process. skops reads numpy headers with `ast.literal_eval`,
+# and CPython 3.11.7's AST constructor is not thread-safe ("AST constructor recursion depth
+# mismatch" when two threads parse at once), e.g. an activation during the start-up preload.
+_LOADING = threading.Lock()
+
+
 def load_model(model_dir: Path, version: str) -> LoadedModel:
-    manifest, estimator = load_artifact(model_dir, version)
+    with _LOADING:
+        manifest, estimator = load_artifact(model_dir, version)
     if isinstance(estimator, LogisticRegression) and estimator.coef_.shape[0] == len(CLASSES):
         fn = _linear_softmax(estimator.coef_.astype(np.float64), estimator.intercept_)
     elif isinstance(estimator, RandomForestClassifier) and estimator.n_outputs_ == 1:
