@@ -149,10 +149,6 @@ class Settings(BaseSettings):
                 )
         return self
 
-    @property
-    def uses_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

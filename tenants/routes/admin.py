@@ -26,6 +26,7 @@ from service.errors import (
 )
 from service.serving.registry import ModelError, list_versions, read_manifest
 from tenants import audit, repository
+from tenants.models import Tenant
 from tenants.schemas import (
     KeyCreate,
     KeyIssued,
@@ -82,7 +83,7 @@ def _platform_only(staff: Staff) -> None:
         raise Forbidden("Only platform admins may do this.")
 
 
-def _tenant_public(tenant: Any) -> TenantPublic:
+def _tenant_public(tenant: Tenant) -> TenantPublic:
     return TenantPublic.model_validate(tenant, from_attributes=True)
 
 
@@ -139,6 +140,13 @@ def update_tenant(
 # API keys
 
 
+def _issue(session: Session, state: State, tenant: Tenant, data: KeyCreate) -> KeyIssued:
+    """A new key in the open transaction; its secret is in this answer and nowhere else."""
+    pepper = state.settings.api_key_pepper.get_secret_value()
+    key, token = repository.issue_key(session, tenant, data, pepper=pepper)
+    return KeyIssued(**repository.key_public(key).model_dump(), key=token)
+
+
 @router.post(
     "/tenants/{tenant_id}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyIssued,
     responses=_WRITE_ERRORS,
@@ -152,11 +160,9 @@ def issue_key(
     state: State,
 ) -> KeyIssued:
     tenant = repository.get_tenant(session, tenant_id, scope=staff.tenant_id)
-    pepper = state.settings.api_key_pepper.get_secret_value()
-    key, token = repository.issue_key(session, tenant, data, pepper=pepper)
-    public = repository.key_public(key)
-    _audit(session, request, staff, "key.issue", key.id, tenant.id, {"name": data.name})
-    return KeyIssued(**public.model_dump(), key=token)
+    issued = _issue(session, state, tenant, data)
+    _audit(session, request, staff, "key.issue", issued.id, tenant.id, {"name": data.name})
+    return issued
 
 
 @router.get("/tenants/{tenant_id}/keys", response_model=list[KeyPublic])
@@ -195,13 +201,11 @@ def rotate_key(
         name=old.name, scopes=cast(list[Scope], old.scopes.split()), rate_limit=old.rate_limit,
         expires_at=old.expires_at,
     )  # fmt: skip
-    pepper = state.settings.api_key_pepper.get_secret_value()
-    key, token = repository.issue_key(session, tenant, replacement, pepper=pepper)
+    issued = _issue(session, state, tenant, replacement)
     repository.revoke_key(session, old, after_seconds=grace)
-    public = repository.key_public(key)
-    details = {"replaced_by": key.id, "grace_seconds": grace}
+    details = {"replaced_by": issued.id, "grace_seconds": grace}
     _audit(session, request, staff, "key.rotate", old.id, old.tenant_id, details)
-    return KeyIssued(**public.model_dump(), key=token)
+    return issued
 
 
 # Staff users
