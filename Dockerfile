@@ -9,11 +9,14 @@ FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY service/ service/
 COPY auth/ auth/
 COPY tenants/ tenants/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The locked versions only: the image runs on exactly what the tests ran on.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.lock \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+    && cp requirements.lock /wheels/
 
 # --- runtime: the wheels installed, the model versions trained, a non-root user ---
 FROM python:3.11-slim AS runtime
@@ -31,7 +34,8 @@ RUN groupadd --system --gid 10001 tenantserve \
 WORKDIR /app
 # The wheels are bind-mounted, not copied: they never become a layer of the image.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/tenantserve-*.whl
+    pip install --no-cache-dir --no-index --find-links=/wheels \
+        -r /wheels/requirements.lock /wheels/tenantserve-*.whl
 # Trained at build time, owned by root: the server reads its models and cannot change them.
 RUN python -c "import os, pathlib; \
 from service.serving.registry import ensure_default_versions; \

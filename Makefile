@@ -3,14 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Every install takes its versions from the locks: requirements.lock (what the service runs on,
+# also the image's) and requirements-dev.lock (that plus the tools, same versions). `make lock`
+# re-resolves both from pyproject.toml, newest versions allowed.
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+COMPILE := $(BIN)/uv pip compile pyproject.toml --python-version 3.11 --quiet --no-header
 
-.PHONY: run test lint typecheck dockerlint unit bench clean
+.PHONY: run test lint typecheck dockerlint unit bench clean lock
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) $(DEV_LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -r $(DEV_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+lock: $(STAMP)
+	$(COMPILE) --upgrade -o $(LOCK)
+	$(COMPILE) --extra dev --constraint $(LOCK) -o $(DEV_LOCK)
 
 run: $(STAMP)
 	$(BIN)/tenantserve serve
@@ -18,6 +28,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check service auth tenants tests perf
 	$(BIN)/ruff format --check service auth tenants tests perf
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy service auth tenants perf

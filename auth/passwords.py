@@ -1,24 +1,35 @@
-"""Staff passwords: argon2 through passlib (the `libpass` distribution). The only passlib user."""
+"""Staff passwords: argon2id through passlib (the `libpass` distribution). The only passlib user.
+
+The cost is the operator's choice (settings), OWASP's minimum by default; a hash records its
+own cost, so a stored password still verifies after the cost is changed.
+"""
 
 from __future__ import annotations
 
 from passlib.context import CryptContext
 
 MIN_PASSWORD_LENGTH = 12
-_context = CryptContext(schemes=["argon2"], deprecated="auto")
-# Verified against when the user does not exist, so both answers take the same time.
-_DUMMY_HASH = _context.hash("not-a-real-password-for-timing-only")
 
 
-def hash_password(password: str) -> str:
-    return str(_context.hash(password))
+class PasswordHasher:
+    def __init__(self, *, memory_kib: int = 65536, time_cost: int = 3, parallelism: int = 4):
+        self._context = CryptContext(
+            schemes=["argon2"],
+            argon2__memory_cost=memory_kib,
+            argon2__rounds=time_cost,
+            argon2__parallelism=parallelism,
+        )
+        # Verified against when the user does not exist, so both answers take the same time.
+        self._dummy_hash = self.hash("not-a-real-password-for-timing-only")
 
+    def hash(self, password: str) -> str:
+        return str(self._context.hash(password))
 
-def verify_password(password: str, password_hash: str | None) -> bool:
-    if password_hash is None:
-        _context.verify(password, _DUMMY_HASH)
-        return False
-    try:
-        return bool(_context.verify(password, password_hash))
-    except (ValueError, TypeError):
-        return False
+    def verify(self, password: str, password_hash: str | None) -> bool:
+        if password_hash is None:
+            self._context.verify(password, self._dummy_hash)
+            return False
+        try:
+            return bool(self._context.verify(password, password_hash))
+        except (ValueError, TypeError):
+            return False

@@ -16,10 +16,25 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+import uvicorn
 from pydantic import ValidationError
 
 from service.config import Settings, get_settings
+from service.logging import configure_logging, stdlib_logging_config
+from service.main import ensure_bootstrap_admin, startup_version
+from service.serving.registry import (
+    ModelError,
+    ensure_default_versions,
+    list_versions,
+    load_artifact,
+)
+from tenants import audit, repository
+from tenants.database import make_engine, unit_of_work, upgrade
+from tenants.errors import AppError
+from tenants.schemas import KeyCreate, TenantCreate, TenantPublic, UserCreate, UserPublic
 
+log = structlog.get_logger("tenantserve.cli")
 NEW_USER_PASSWORD_ENV = "TENANTSERVE_NEW_USER_PASSWORD"
 
 
@@ -39,20 +54,12 @@ def _print(data: Any) -> None:
 
 
 def serve(_args: argparse.Namespace) -> None:
-    settings = _settings()  # refuse bad settings at once, before the heavy imports
-
-    import uvicorn
-
-    from service.logging import configure_logging, stdlib_logging_config
-    from service.main import ensure_bootstrap_admin, startup_version
-    from service.serving.registry import ModelError, ensure_default_versions, load_artifact
-    from tenants.database import make_engine, upgrade
-
+    settings = _settings()
     configure_logging(settings)
     trained = ensure_default_versions(settings.model_dir)
     engine = make_engine(settings.database_url)
     upgrade(engine)  # once, before any worker starts
-    ensure_bootstrap_admin(engine, settings)
+    ensure_bootstrap_admin(engine, settings, settings.password_hasher())
     version, _ = startup_version(engine, settings)
     engine.dispose()
     try:
@@ -63,15 +70,19 @@ def serve(_args: argparse.Namespace) -> None:
     if settings.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         metrics_dir = tempfile.mkdtemp(prefix="tenantserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if trained:
+        log.info("models_trained", versions=trained)
     if settings.env == "development":
-        hint = (
-            f"Serving on http://{settings.host}:{settings.port} (docs at /docs)."
-            + (f" Trained model versions {', '.join(trained)}." if trained else "")
-            + "\nGet a first API key (in another terminal):\n"
-            "  .venv/bin/tenantserve tenants create --name demo\n"
-            "  .venv/bin/tenantserve keys issue --tenant demo --name first-key\n"
+        # A log line like every other: whatever reads stdout parses every line as JSON.
+        log.info(
+            "get_a_first_key",
+            url=f"http://{settings.host}:{settings.port}",
+            docs=f"http://{settings.host}:{settings.port}/docs",
+            commands=[
+                ".venv/bin/tenantserve tenants create --name demo",
+                ".venv/bin/tenantserve keys issue --tenant demo --name first-key",
+            ],
         )
-        print(hint, file=sys.stderr, flush=True)
     uvicorn.run(
         "service.main:create_app",
         factory=True,
@@ -92,7 +103,6 @@ def serve(_args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    from service.serving.registry import ModelError
     from service.serving.registry import train as train_version
 
     try:
@@ -103,13 +113,10 @@ def train(args: argparse.Namespace) -> None:
 
 
 def list_models(_args: argparse.Namespace) -> None:
-    from service.serving.registry import list_versions
-
     _print([m.public() for m in list_versions(_settings().model_dir)])
 
 
 def db_upgrade(_args: argparse.Namespace) -> None:
-    from tenants.database import make_engine, upgrade
 
     upgrade(make_engine(_settings().database_url))
     print("database schema is up to date")
@@ -117,27 +124,20 @@ def db_upgrade(_args: argparse.Namespace) -> None:
 
 def _with_session(action: Callable[[Any, Settings], Any]) -> Any:
     """Run an operator action in one transaction, with the audit trail naming the CLI."""
-    from sqlmodel import Session
-
-    from service.errors import AppError
-    from tenants.database import make_engine, upgrade
 
     settings = _settings()
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    with Session(engine) as session:
-        try:
-            result = action(session, settings)
-            session.commit()
-        except AppError as exc:
-            sys.exit(f"tenantserve: {exc.detail}")
-        except ValidationError as exc:
-            sys.exit(f"tenantserve: {exc.errors()[0]['msg']}")
-    return result
+    try:
+        with unit_of_work(engine) as session:
+            return action(session, settings)
+    except AppError as exc:
+        sys.exit(f"tenantserve: {exc.detail}")
+    except ValidationError as exc:
+        sys.exit(f"tenantserve: {exc.errors()[0]['msg']}")
 
 
 def _audit(session: Any, action: str, target: str, tenant_id: str | None) -> None:
-    from tenants import audit
 
     actor = f"cli:{getpass.getuser()}"
     audit.record(session, actor=actor, action=action, target=target, tenant_id=tenant_id,
@@ -145,8 +145,6 @@ def _audit(session: Any, action: str, target: str, tenant_id: str | None) -> Non
 
 
 def create_tenant(args: argparse.Namespace) -> None:
-    from tenants import repository
-    from tenants.schemas import TenantCreate, TenantPublic
 
     def action(session: Any, settings: Settings) -> Any:
         data = TenantCreate(
@@ -164,8 +162,6 @@ def create_tenant(args: argparse.Namespace) -> None:
 
 
 def list_tenants(_args: argparse.Namespace) -> None:
-    from tenants import repository
-    from tenants.schemas import TenantPublic
 
     _print(
         _with_session(
@@ -178,8 +174,6 @@ def list_tenants(_args: argparse.Namespace) -> None:
 
 
 def issue_key(args: argparse.Namespace) -> None:
-    from tenants import repository
-    from tenants.schemas import KeyCreate
 
     def action(session: Any, settings: Settings) -> Any:
         tenant = repository.find_tenant(session, args.tenant)
@@ -199,7 +193,6 @@ def issue_key(args: argparse.Namespace) -> None:
 
 
 def list_keys(args: argparse.Namespace) -> None:
-    from tenants import repository
 
     def action(session: Any, _settings: Settings) -> Any:
         tenant = repository.find_tenant(session, args.tenant)
@@ -212,7 +205,6 @@ def list_keys(args: argparse.Namespace) -> None:
 
 
 def revoke_key(args: argparse.Namespace) -> None:
-    from tenants import repository
 
     def action(session: Any, _settings: Settings) -> Any:
         key = repository.revoke_key(session, repository.get_key(session, args.key_id, scope=None))
@@ -223,17 +215,16 @@ def revoke_key(args: argparse.Namespace) -> None:
 
 
 def create_user(args: argparse.Namespace) -> None:
-    from auth.passwords import hash_password
-    from tenants import repository
-    from tenants.schemas import UserCreate, UserPublic
 
     password = os.environ.get(NEW_USER_PASSWORD_ENV) or getpass.getpass("Password: ")
 
-    def action(session: Any, _settings: Settings) -> Any:
+    def action(session: Any, settings: Settings) -> Any:
         tenant_id = repository.find_tenant(session, args.tenant).id if args.tenant else None
         data = UserCreate(username=args.username, password=password, role=args.role,
                           tenant_id=tenant_id)  # fmt: skip
-        user = repository.create_user(session, data, password_hash=hash_password(password))
+        user = repository.create_user(
+            session, data, password_hash=settings.password_hasher().hash(password)
+        )
         _audit(session, "user.create", user.id, user.tenant_id)
         return UserPublic.model_validate(user, from_attributes=True).model_dump(mode="json")
 

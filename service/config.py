@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from auth.passwords import PasswordHasher
+from tenants.rate_limits import parse_limit
+
 # Development placeholders: good enough on a laptop, refused in production.
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-in-production!"
 DEV_API_KEY_PEPPER = "dev-only-api-key-pepper-change-me-in-production"
@@ -28,7 +31,7 @@ class Settings(BaseSettings):
         use_attribute_docstrings=True,
     )
 
-    env: Literal["development", "production", "test"] = "development"
+    env: Literal["development", "production"] = "development"
     """`production` refuses default or short secrets."""
 
     database_url: str = "sqlite:///./tenantserve.db"
@@ -95,7 +98,19 @@ class Settings(BaseSettings):
     """How often each worker checks for revocations, limit changes and model switches."""
 
     signin_rate_limit: str = "10/minute"
-    """Failed-and-successful sign-in attempts allowed per username and per client address."""
+    """Sign-in attempts allowed per username (each lock-out is audited)."""
+
+    signin_address_rate_limit: str = "60/minute"
+    """Sign-in attempts allowed per client address (slowapi)."""
+
+    password_hash_memory_kib: int = Field(default=65536, ge=8, le=4_194_304)
+    """argon2id memory cost of staff passwords, in KiB."""
+
+    password_hash_time_cost: int = Field(default=3, ge=1, le=100)
+    """argon2id passes over that memory."""
+
+    password_hash_parallelism: int = Field(default=4, ge=1, le=64)
+    """argon2id lanes (the memory cost must be at least 8 KiB per lane)."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Least severe level written."""
@@ -118,11 +133,9 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
     """Worker processes of `tenantserve serve`."""
 
-    @field_validator("default_rate_limit", "signin_rate_limit")
+    @field_validator("default_rate_limit", "signin_rate_limit", "signin_address_rate_limit")
     @classmethod
     def _valid_limit(cls, value: str) -> str:
-        from service.ratelimit import parse_limit
-
         parse_limit(value)
         return value
 
@@ -132,6 +145,13 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value()) < 12:
             raise ValueError("must be at least 12 characters")
         return value
+
+    def password_hasher(self) -> PasswordHasher:
+        return PasswordHasher(
+            memory_kib=self.password_hash_memory_kib,
+            time_cost=self.password_hash_time_cost,
+            parallelism=self.password_hash_parallelism,
+        )
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

@@ -21,7 +21,7 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor
 
-from service.config import Settings
+from service.config import Settings, get_settings
 
 MASK = "[REDACTED]"
 SENSITIVE_KEYS = frozenset(
@@ -171,8 +171,6 @@ def configure_logging(settings: Settings) -> None:
 
 def stdlib_formatter(settings: Settings | None = None) -> logging.Formatter:
     """uvicorn's and every library's records, rendered by the same structlog chain."""
-    from service.config import get_settings
-
     settings = settings or get_settings()
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[

@@ -1,8 +1,8 @@
 """The application: `create_app` wires routes and middleware; the lifespan builds the rest.
 
 Nothing — engine, model, limiter, background task — exists at import time: the lifespan makes
-it, hands it to requests as one typed `AppState`, and takes it down in order on shutdown
-(after uvicorn has drained in-flight requests): stop polling, write every usage record, close.
+it, hands it to requests as one typed `Resources`, and takes it down in order on shutdown
+(after uvicorn has drained in-flight requests): stop watching, write every usage record, close.
 """
 
 from __future__ import annotations
@@ -13,54 +13,53 @@ from contextlib import asynccontextmanager, suppress
 
 import structlog
 from fastapi import FastAPI
+from slowapi.errors import RateLimitExceeded
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
 
-from auth.cache import KeyCache
-from auth.passwords import hash_password
+from auth.passwords import PasswordHasher
+from service.api.key_cache import KeyCache
+from service.api.middleware import RequestMiddleware
+from service.api.problems import install_error_handlers
+from service.api.routes import admin, audit, health, predict, signin, usage
+from service.changes import watch_changes
 from service.config import Settings, get_settings
-from service.errors import install_error_handlers
+from service.limits.rate_limiter import RateLimiter
 from service.logging import configure_logging
-from service.middleware import RequestMiddleware
-from service.ratelimit import RateLimiter
-from service.routes import health, predict, testing
+from service.resources import Resources
+from service.serving import routes as model_routes
 from service.serving.batcher import MicroBatcher
 from service.serving.models import ModelHolder
 from service.serving.registry import ModelError, list_versions, newest_version, read_manifest
-from service.state import AppState
-from service.sync import poll_changes
-from tenants.database import make_engine, upgrade
-from tenants.models import User
+from tenants.database import make_engine, unit_of_work, upgrade
 from tenants.repository import find_user, read_control
-from tenants.routes import admin, audit, auth, usage
-from tenants.usage import UsageRecorder
+from tenants.tables import User
+from tenants.usage.recorder import UsageRecorder
 
 log = structlog.get_logger("tenantserve")
 
 
-def ensure_bootstrap_admin(engine: Engine, settings: Settings) -> None:
+def ensure_bootstrap_admin(engine: Engine, settings: Settings, passwords: PasswordHasher) -> None:
     """Create the environment's platform admin once; safe when several workers race."""
     username, password = settings.bootstrap_admin_username, settings.bootstrap_admin_password
     if not username or password is None:
         return
-    with Session(engine) as session:
-        if find_user(session, username) is not None:
-            return
-        session.add(
-            User(username=username, password_hash=hash_password(password.get_secret_value()),
-                 role="admin", tenant_id=None)
-        )  # fmt: skip
-        try:
-            session.commit()
-            log.info("bootstrap_admin_created", username=username)
-        except IntegrityError:
-            session.rollback()  # another worker created it first
+    try:
+        with unit_of_work(engine) as session:
+            if find_user(session, username) is not None:
+                return
+            session.add(
+                User(username=username, password_hash=passwords.hash(password.get_secret_value()),
+                     role="admin", tenant_id=None)
+            )  # fmt: skip
+        log.info("bootstrap_admin_created", username=username)
+    except IntegrityError:
+        pass  # another worker created it first
 
 
 def startup_version(engine: Engine, settings: Settings) -> tuple[str, int]:
     """The version to serve (activated through the API, else configured, else newest)."""
-    with Session(engine) as session:
+    with unit_of_work(engine) as session:
         control = read_control(session)
     for candidate in (control.active_model_version, settings.model_version):
         if candidate:
@@ -72,13 +71,14 @@ def startup_version(engine: Engine, settings: Settings) -> tuple[str, int]:
     return newest_version(settings.model_dir), control.auth_epoch
 
 
-def _build_state(settings: Settings) -> tuple[AppState, int]:
+def _build_resources(settings: Settings) -> tuple[Resources, int]:
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    ensure_bootstrap_admin(engine, settings)
+    passwords = settings.password_hasher()
+    ensure_bootstrap_admin(engine, settings, passwords)
     version, epoch = startup_version(engine, settings)
     models = ModelHolder.load(settings.model_dir, version)
-    state = AppState(
+    resources = Resources(
         settings=settings,
         engine=engine,
         limiter=RateLimiter(settings.rate_limit_storage_uri, strict=settings.rate_limit_strict),
@@ -97,17 +97,19 @@ def _build_state(settings: Settings) -> tuple[AppState, int]:
             max_queue=settings.usage_queue_max,
             spill_dir=settings.usage_spill_dir,
         ),
+        passwords=passwords,
     )
-    return state, epoch
+    return resources, epoch
 
 
-async def _warm_previous_version(state: AppState) -> None:
+async def _warm_previous_version(resources: Resources) -> None:
     """Load the newest other version too, so activating it (or rolling back) is instant."""
-    serving = state.models.current.version
-    others = [m.version for m in list_versions(state.settings.model_dir) if m.version != serving]
+    serving = resources.models.current.version
+    model_dir = resources.settings.model_dir
+    others = [m.version for m in list_versions(model_dir) if m.version != serving]
     if others:
         try:
-            await state.models.preload(others[-1])
+            await resources.models.preload(others[-1])
         except ModelError as exc:
             log.error("model_refused", model_version=others[-1], error=str(exc))
 
@@ -115,23 +117,25 @@ async def _warm_previous_version(state: AppState) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    state, epoch = await asyncio.to_thread(_build_state, settings)
-    app.state.tenantserve = state
-    state.usage.start()
-    poller = asyncio.create_task(poll_changes(state, initial_epoch=epoch), name="state-poller")
-    warmer = asyncio.create_task(_warm_previous_version(state), name="model-warmer")
-    log.info("started", model_version=state.models.current.version, env=settings.env)
+    resources, epoch = await asyncio.to_thread(_build_resources, settings)
+    app.state.resources = resources
+    resources.usage.start()
+    watcher = asyncio.create_task(
+        watch_changes(resources, initial_epoch=epoch), name="change-watcher"
+    )
+    warmer = asyncio.create_task(_warm_previous_version(resources), name="model-warmer")
+    log.info("started", model_version=resources.models.current.version, env=settings.env)
     try:
         yield
     finally:
-        for task in (poller, warmer):
+        for task in (watcher, warmer):
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
-        await state.usage.close()
-        state.batcher.close()
-        await state.limiter.close()
-        state.engine.dispose()
+        await resources.usage.close()
+        resources.batcher.close()
+        await resources.limiter.close()
+        resources.engine.dispose()
         log.info("stopped")
 
 
@@ -146,16 +150,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    signin_limiter = signin.address_limiter(settings)
+    app.add_exception_handler(RateLimitExceeded, signin.address_throttled(signin_limiter))
     for router in (
         health.router,
         predict.router,
         usage.router,
-        auth.router,
+        signin.build_router(settings, signin_limiter),
         admin.router,
+        model_routes.router,
         audit.router,
     ):
         app.include_router(router)
-    if settings.env == "test":
-        app.include_router(testing.router)  # fails on purpose; never outside tests
     app.add_middleware(RequestMiddleware, settings=settings)
     return app

@@ -6,9 +6,9 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from tenants.models import AuditEvent
 from tenants.paging import newest_first, page_of
 from tenants.schemas import AuditEventPage, AuditEventPublic
+from tenants.tables import AuditEvent
 
 
 def record(

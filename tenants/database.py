@@ -1,4 +1,4 @@
-"""Engines, sessions and schema migrations (Alembic, applied by `serve` and `db upgrade`)."""
+"""Engines, the unit of work, and schema migrations (Alembic; `serve` and `db upgrade`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlmodel import Session
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _PG_MIGRATION_LOCK = 727_001  # any constant: one advisory lock for schema upgrades
@@ -41,6 +42,22 @@ def make_engine(url: str) -> Engine:
         pool_timeout=5,
         connect_args={"connect_timeout": 3},
     )
+
+
+@contextmanager
+def unit_of_work(engine: Engine) -> Iterator[Session]:
+    """One transaction: committed when the block ends, rolled back when it raises.
+
+    The only place that commits: repositories flush (to see conflicts early) but never commit,
+    so a change and its audit event always land together or not at all.
+    """
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+        session.commit()
 
 
 def _alembic_config(url: str) -> Config:

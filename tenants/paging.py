@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import and_, or_
 
-from service.errors import ValidationFailed
+from tenants.errors import ValidationFailed
 
 T = TypeVar("T")
 

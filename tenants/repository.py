@@ -16,9 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
 from auth import keys
-from service.errors import Conflict, NotFound, ValidationFailed
-from tenants.models import ApiKey, ControlState, Tenant, User, utcnow
+from tenants.errors import Conflict, NotFound, ValidationFailed
 from tenants.schemas import KeyCreate, KeyPublic, TenantCreate, TenantUpdate, UserCreate
+from tenants.tables import ApiKey, PlatformControl, Tenant, User, utcnow
 
 Row = TypeVar("Row", bound=SQLModel)
 
@@ -39,11 +39,11 @@ def _flush(session: Session, what: str) -> None:
 
 
 def bump_auth_epoch(session: Session) -> None:
-    """Tell every worker to drop its cached keys (read by `service.sync`)."""
+    """Tell every worker to drop its cached keys (watched by `service.changes`)."""
     session.execute(
-        update(ControlState)
-        .where(col(ControlState.id) == 1)
-        .values(auth_epoch=ControlState.auth_epoch + 1)
+        update(PlatformControl)
+        .where(col(PlatformControl.id) == 1)
+        .values(auth_epoch=PlatformControl.auth_epoch + 1)
     )
 
 
@@ -97,8 +97,9 @@ def update_tenant(
     for field, value in changes.items():
         setattr(tenant, field, value)
     session.add(tenant)
-    bump_auth_epoch(session)
+    # Flushed before the epoch UPDATE, whose autoflush would raise the conflict unhandled.
     _flush(session, f"A tenant named {tenant.name!r}")
+    bump_auth_epoch(session)
     return tenant, changes
 
 
@@ -232,16 +233,18 @@ def get_user(session: Session, user_id: str) -> User | None:
 # The active model version, shared by every worker
 
 
-def read_control(session: Session) -> ControlState:
-    state = session.get(ControlState, 1)
-    if state is None:  # only if someone deleted the row the migration seeds
-        state = ControlState(id=1)
-        session.add(state)
-        session.commit()
-    return state
+def read_control(session: Session) -> PlatformControl:
+    control = session.get(PlatformControl, 1)
+    if control is None:  # only if someone deleted the row the migration seeds
+        control = PlatformControl(id=1)
+        session.add(control)
+        session.flush()
+    return control
 
 
 def set_active_model(session: Session, version: str) -> None:
     session.execute(
-        update(ControlState).where(col(ControlState.id) == 1).values(active_model_version=version)
+        update(PlatformControl)
+        .where(col(PlatformControl.id) == 1)
+        .values(active_model_version=version)
     )

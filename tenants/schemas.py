@@ -16,7 +16,7 @@ from pydantic import (
 
 from auth.passwords import MIN_PASSWORD_LENGTH
 from auth.principals import ALL_SCOPES, Role, Scope
-from service.ratelimit import parse_limit
+from tenants.rate_limits import parse_limit
 
 
 def _valid_limit(value: str | None) -> str | None:
@@ -120,19 +120,6 @@ class TokenResponse(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
-
-
-class ModelVersionPublic(BaseModel):
-    version: str
-    algorithm: str
-    sha256: str
-    metrics: dict[str, float]
-    created_at: datetime
-
-
-class ModelsPublic(BaseModel):
-    active: str
-    versions: list[ModelVersionPublic]
 
 
 class AuditEventPublic(BaseModel):

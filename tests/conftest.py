@@ -7,13 +7,14 @@ On a laptop without PostgreSQL or Redis the tests that need them skip with a rea
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ ADMIN_PASSWORD = "correct horse battery staple"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("usage_records", "audit_events", "api_keys", "users", "tenants")
+# argon2 at its cheapest: the tests check what passwords do, not how slowly they hash.
+CHEAP_PASSWORD_HASHES = {
+    "password_hash_memory_kib": 8,
+    "password_hash_time_cost": 1,
+    "password_hash_parallelism": 1,
+}
 FEATURES = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 
 
@@ -107,7 +114,7 @@ def redis_url() -> str:
 def make_settings(database_url: str, model_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "env": "test",
+            "env": "development",
             "database_url": database_url,
             "model_dir": model_dir,
             "bootstrap_admin_username": ADMIN_USERNAME,
@@ -116,6 +123,8 @@ def make_settings(database_url: str, model_dir: Path, tmp_path: Path) -> Callabl
             "usage_spill_dir": tmp_path / "spill",
             "state_poll_interval_ms": 100,
             "signin_rate_limit": "1000/minute",
+            "signin_address_rate_limit": "10000/minute",
+            **CHEAP_PASSWORD_HASHES,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -216,6 +225,9 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # Whatever the supervisor left behind (a worker of a killed server) goes with it.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         return int(self.process.returncode)
 
     def output(self) -> str:
@@ -223,7 +235,13 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(env: dict[str, str], log_path: Path, *, workers: int = 1) -> Iterator[LiveServer]:
+def live_server(
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    workers: int = 1,
+    command: Sequence[str] = ("-m", "service", "serve"),
+) -> Iterator[LiveServer]:
     """`tenantserve serve` with these settings on a free loopback port, until the block ends."""
     port = free_port()
     full_env = {
@@ -234,23 +252,27 @@ def live_server(env: dict[str, str], log_path: Path, *, workers: int = 1) -> Ite
             "TENANTSERVE_HOST": "127.0.0.1",
             "TENANTSERVE_PORT": str(port),
             "TENANTSERVE_WORKERS": str(workers),
-            "TENANTSERVE_ENV": "test",
+            "TENANTSERVE_ENV": "development",
+            "PYTHONPATH": str(ROOT),
             "TENANTSERVE_BOOTSTRAP_ADMIN_USERNAME": ADMIN_USERNAME,
             "TENANTSERVE_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "TENANTSERVE_USAGE_FLUSH_INTERVAL_MS": "50",
             "TENANTSERVE_STATE_POLL_INTERVAL_MS": "100",
             "TENANTSERVE_SIGNIN_RATE_LIMIT": "1000/minute",
+            "TENANTSERVE_SIGNIN_ADDRESS_RATE_LIMIT": "10000/minute",
+            **{f"TENANTSERVE_{name.upper()}": str(v) for name, v in CHEAP_PASSWORD_HASHES.items()},
             **env,
         }
     )
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
+            [sys.executable, *command],
             cwd=log_path.parent,
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: `stop` can end every worker
         )
     server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
     try:

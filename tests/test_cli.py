@@ -35,7 +35,7 @@ def tenantserve(database_url: str, model_dir: Path, tmp_path: Path) -> Run:
     def run(*args: str, env: dict[str, str] | None = None, ok: bool = True) -> Any:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSERVE_")}
         full_env.update(
-            TENANTSERVE_ENV="test",
+            TENANTSERVE_ENV="development",
             TENANTSERVE_DATABASE_URL=database_url,
             TENANTSERVE_MODEL_DIR=str(model_dir),
             **(env or {}),

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from auth import keys
-from auth.cache import KeyCache
+from service.api.key_cache import KeyCache
 from tenants.repository import KeyRecord
 from tests.conftest import (
     FEATURES,

@@ -24,18 +24,20 @@ import pytest
 from auth.keys import generate
 from service.config import Settings
 from service.logging import MASK, Redactor, anonymise_ip, stdlib_formatter
-from service.routes.testing import LEAKED_KEY
 from tests.conftest import (
     ADMIN_PASSWORD,
     ADMIN_USERNAME,
     FEATURES,
+    ROOT,
     LiveServer,
     admin_token,
     free_port,
     live_server,
     new_customer,
 )
+from tests.failing_server import BOOM_PATH, LEAKED_KEY
 
+FAILING_SERVER = ("-m", "tests.failing_server")
 pytestmark = pytest.mark.slow
 
 # Distinctive, so that finding them anywhere in the output can only mean a leak.
@@ -125,7 +127,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Run:
     """One server, the requests of a working day and its mishaps; the server stopped after."""
     tmp_path = tmp_path_factory.mktemp("scenario")
     run = Run()
-    with live_server(server_env(tmp_path, model_dir), tmp_path / "server.log") as server:
+    with live_server(
+        server_env(tmp_path, model_dir), tmp_path / "server.log", command=FAILING_SERVER
+    ) as server:
         with server.client(event_hooks={"response": [run.record]}) as client:
             token = admin_token(client)
             customer = new_customer(client, token)
@@ -154,7 +158,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Run:
             signin = {"username": ADMIN_USERNAME, "password": WRONG_PASSWORD}
             client.post("/v1/auth/token", data=signin)
 
-            client.get("/v1/_test/boom")
+            client.get(BOOM_PATH)
 
         server.stop()  # so that the shutdown lines are checked too
     run.server_url, run.output = server.url, server.output()
@@ -268,14 +272,14 @@ def console_server(tmp_path: Path, model_dir: Path) -> Iterator[LiveServer]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTSERVE_")}
     env.update(
         server_env(tmp_path, model_dir),
-        TENANTSERVE_ENV="test",
+        PYTHONPATH=str(ROOT),
         TENANTSERVE_PORT=str(port),
         TENANTSERVE_LOG_FORMAT="console",
     )
     log_path = tmp_path / "console.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
+            [sys.executable, "-m", "tests.failing_server"],
             cwd=tmp_path,
             env=env,
             stdout=log_file,
@@ -298,12 +302,12 @@ def console_server(tmp_path: Path, model_dir: Path) -> Iterator[LiveServer]:
 
 def test_console_format_is_for_people_and_survives_errors(tmp_path: Path, model_dir: Path) -> None:
     with console_server(tmp_path, model_dir) as server, server.client() as client:
-        assert client.get("/v1/_test/boom").status_code == 500
+        assert client.get(BOOM_PATH).status_code == 500
         assert client.get("/health").status_code == 200  # still serving after the traceback
         server.stop()
     output = server.output()
     assert "Application startup complete." in output
-    assert "path=/v1/_test/boom" in output
+    assert f"path={BOOM_PATH}" in output
     assert "status_code=500" in output
     assert "RuntimeError: unexpected failure while handling key [REDACTED]" in output
     assert LEAKED_KEY not in output

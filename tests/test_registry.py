@@ -165,7 +165,7 @@ def test_the_server_will_not_start_on_a_tampered_artifact(
     tampered_registry: Path, tmp_path: Path
 ) -> None:
     env = {
-        "TENANTSERVE_ENV": "test",
+        "TENANTSERVE_ENV": "development",
         "TENANTSERVE_MODEL_DIR": str(tampered_registry),
         "TENANTSERVE_MODEL_VERSION": TAMPERED,
         "TENANTSERVE_DATABASE_URL": f"sqlite:///{tmp_path / 'tenantserve.db'}",

@@ -121,9 +121,14 @@ def test_production_reads_its_secrets_from_the_environment(
         Settings(_env_file=None)  # type: ignore[call-arg]
 
 
-def test_development_and_test_start_with_the_built_in_secrets() -> None:
-    for env in ("development", "test"):
-        assert Settings(_env_file=None, env=env).env == env  # type: ignore[call-arg]
+def test_development_starts_with_the_built_in_secrets() -> None:
+    assert Settings(_env_file=None, env="development").env == "development"  # type: ignore[call-arg]
+
+
+def test_no_environment_but_production_and_development_exists() -> None:
+    # An environment that is neither would be one that skips the production secret checks.
+    with pytest.raises(ValidationError, match="env"):
+        Settings(_env_file=None, env="test")  # type: ignore[call-arg]
 
 
 ENV_EXAMPLE = ROOT / ".env.example"

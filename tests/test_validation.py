@@ -83,7 +83,7 @@ def api(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
     app = create_app(
         Settings(  # type: ignore[call-arg]
             _env_file=None,
-            env="test",
+            env="development",
             database_url=f"sqlite:///{directory / 'tenantserve.db'}",
             model_dir=model_dir,
             usage_spill_dir=directory / "spill",

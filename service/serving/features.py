@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import ValidationFailed
 from service.serving.registry import FEATURE_BOUNDS, FEATURES
+from tenants.errors import ValidationFailed
 
 _FEATURE_SET = frozenset(FEATURES)
 _NUMBER_TYPES = frozenset((int, float))

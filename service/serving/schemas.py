@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,3 +48,16 @@ class Prediction(BaseModel):
 class BatchPrediction(BaseModel):
     predictions: list[Prediction]
     model_version: str
+
+
+class ModelVersionPublic(BaseModel):
+    version: str
+    algorithm: str
+    sha256: str
+    metrics: dict[str, float]
+    created_at: datetime
+
+
+class ModelsPublic(BaseModel):
+    active: str
+    versions: list[ModelVersionPublic]

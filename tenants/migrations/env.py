@@ -3,7 +3,7 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-import tenants.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import tenants.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from sqlmodel import Session
 
-from auth.dependencies import AuditorCaller, State
-from service.errors import (
+from service.api.dependencies import AuditorCaller, DbSession, ResourcesDep
+from service.api.problems import error_responses
+from tenants import audit
+from tenants.errors import (
     Forbidden,
     InvalidCredentials,
     MissingCredentials,
     NotFound,
     ValidationFailed,
-    error_responses,
 )
-from tenants import audit, usage_queries
 from tenants.schemas import AuditEventPage
-from tenants.usage_queries import GroupBy, UsageFilter
+from tenants.usage import queries as usage_queries
+from tenants.usage.queries import GroupBy, UsageFilter
 
 router = APIRouter(
     prefix="/v1/audit",
@@ -80,33 +79,25 @@ Filters = Annotated[UsageFilter, Depends(usage_filter)]
 
 
 @router.get("/usage", response_model=UsagePage)
-async def list_usage(
-    state: State,
+def list_usage(
+    session: DbSession,
     filters: Filters,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> UsagePage:
-    def read() -> UsagePage:
-        with Session(state.engine) as session:
-            rows, next_cursor = usage_queries.page(session, filters, limit=limit, cursor=cursor)
-            return UsagePage(
-                items=[UsageRecordPublic.model_validate(r, from_attributes=True) for r in rows],
-                next_cursor=next_cursor,
-            )
-
-    return await asyncio.to_thread(read)
+    rows, next_cursor = usage_queries.page(session, filters, limit=limit, cursor=cursor)
+    return UsagePage(
+        items=[UsageRecordPublic.model_validate(r, from_attributes=True) for r in rows],
+        next_cursor=next_cursor,
+    )
 
 
 @router.get("/usage/summary", response_model=UsageSummary)
-async def usage_summary(
-    state: State, filters: Filters, group_by: GroupBy = "tenant"
+def usage_summary(
+    session: DbSession, filters: Filters, group_by: GroupBy = "tenant"
 ) -> UsageSummary:
-    def read() -> UsageSummary:
-        with Session(state.engine) as session:
-            groups = usage_queries.summary(session, filters, group_by)
-            return UsageSummary(groups=[UsageGroup(**g) for g in groups])
-
-    return await asyncio.to_thread(read)
+    groups = usage_queries.summary(session, filters, group_by)
+    return UsageSummary(groups=[UsageGroup(**g) for g in groups])
 
 
 @router.get(
@@ -114,23 +105,20 @@ async def usage_summary(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/csv": {}}, "description": "One row per record"}},
 )
-async def export_usage(state: State, filters: Filters) -> StreamingResponse:
+async def export_usage(resources: ResourcesDep, filters: Filters) -> StreamingResponse:
+    # A stream, not a transaction: read through a server-side cursor as the client reads.
     return StreamingResponse(
-        usage_queries.export_csv(state.engine, filters),
+        usage_queries.export_csv(resources.engine, filters),
         media_type="text/csv",
         headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
     )
 
 
 @router.get("/events", response_model=AuditEventPage)
-async def list_events(
+def list_events(
     staff: AuditorCaller,
-    state: State,
+    session: DbSession,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> AuditEventPage:
-    def read() -> AuditEventPage:
-        with Session(state.engine) as session:
-            return audit.list_events(session, scope=staff.tenant_id, limit=limit, cursor=cursor)
-
-    return await asyncio.to_thread(read)
+    return audit.list_events(session, scope=staff.tenant_id, limit=limit, cursor=cursor)

@@ -1,45 +1,40 @@
-"""Admin routes: tenants, keys, staff users, model versions. Auditors get 403, other tenants 404.
+"""Admin routes: tenants, keys, staff users. Auditors get 403, other tenants 404.
 
-Every change is written together with its audit event, in one transaction.
+Every change is written together with its audit event, in the request's one unit of work.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-from typing import Annotated, Any, cast
+from typing import cast
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Request, status
 from sqlmodel import Session
 
-from auth.dependencies import AdminCaller, State
-from auth.passwords import hash_password
-from auth.principals import Scope, Staff
-from service.errors import (
+from auth.principals import Scope
+from service.api.dependencies import AdminCaller, DbSession, ResourcesDep
+from service.api.problems import error_responses
+from service.api.staff import audit_change, require_platform_staff
+from tenants import repository
+from tenants.errors import (
     Conflict,
     Forbidden,
     InvalidCredentials,
     MissingCredentials,
     NotFound,
     ValidationFailed,
-    error_responses,
 )
-from service.serving.registry import ModelError, list_versions, read_manifest
-from tenants import audit, repository
-from tenants.models import Tenant
 from tenants.schemas import (
     KeyCreate,
     KeyIssued,
     KeyPublic,
     KeyRotate,
-    ModelsPublic,
-    ModelVersionPublic,
     TenantCreate,
     TenantPublic,
     TenantUpdate,
     UserCreate,
     UserPublic,
 )
+from tenants.tables import Tenant
 
 router = APIRouter(
     prefix="/v1/admin",
@@ -47,40 +42,6 @@ router = APIRouter(
     responses=error_responses(MissingCredentials, InvalidCredentials, Forbidden, NotFound),
 )
 _WRITE_ERRORS = error_responses(Conflict, ValidationFailed)
-
-
-def db_session(state: State) -> Iterator[Session]:
-    with Session(state.engine) as session:
-        yield session
-
-
-DbSession = Annotated[Session, Depends(db_session)]
-
-
-def _audit(
-    session: Session,
-    request: Request,
-    staff: Staff,
-    action: str,
-    target: str,
-    tenant_id: str | None,
-    details: dict[str, Any] | None = None,
-) -> None:
-    audit.record(
-        session,
-        actor=staff.username,
-        action=action,
-        target=target,
-        tenant_id=tenant_id,
-        request_id=request.state.request_id,
-        details=details,
-    )
-    session.commit()
-
-
-def _platform_only(staff: Staff) -> None:
-    if staff.tenant_id is not None:
-        raise Forbidden("Only platform admins may do this.")
 
 
 def _tenant_public(tenant: Tenant) -> TenantPublic:
@@ -95,17 +56,21 @@ def _tenant_public(tenant: Tenant) -> TenantPublic:
     responses=_WRITE_ERRORS,
 )  # fmt: skip
 def create_tenant(
-    request: Request, data: TenantCreate, staff: AdminCaller, session: DbSession, state: State
+    request: Request,
+    data: TenantCreate,
+    staff: AdminCaller,
+    session: DbSession,
+    resources: ResourcesDep,
 ) -> TenantPublic:
-    _platform_only(staff)
+    require_platform_staff(staff)
     tenant = repository.create_tenant(
         session,
         data,
-        default_rate_limit=state.settings.default_rate_limit,
-        default_max_batch=state.settings.max_batch_size,
+        default_rate_limit=resources.settings.default_rate_limit,
+        default_max_batch=resources.settings.max_batch_size,
     )
     public = _tenant_public(tenant)
-    _audit(session, request, staff, "tenant.create", tenant.id, tenant.id, data.model_dump())
+    audit_change(session, request, staff, "tenant.create", tenant.id, tenant.id, data.model_dump())
     return public
 
 
@@ -133,16 +98,16 @@ def update_tenant(
     action = {"suspended": "tenant.suspend", "active": "tenant.activate"}.get(
         changes.get("status", ""), "tenant.update"
     )
-    _audit(session, request, staff, action, tenant.id, tenant.id, changes)
+    audit_change(session, request, staff, action, tenant.id, tenant.id, changes)
     return public
 
 
 # API keys
 
 
-def _issue(session: Session, state: State, tenant: Tenant, data: KeyCreate) -> KeyIssued:
+def _issue(session: Session, resources: ResourcesDep, tenant: Tenant, data: KeyCreate) -> KeyIssued:
     """A new key in the open transaction; its secret is in this answer and nowhere else."""
-    pepper = state.settings.api_key_pepper.get_secret_value()
+    pepper = resources.settings.api_key_pepper.get_secret_value()
     key, token = repository.issue_key(session, tenant, data, pepper=pepper)
     return KeyIssued(**repository.key_public(key).model_dump(), key=token)
 
@@ -157,11 +122,11 @@ def issue_key(
     data: KeyCreate,
     staff: AdminCaller,
     session: DbSession,
-    state: State,
+    resources: ResourcesDep,
 ) -> KeyIssued:
     tenant = repository.get_tenant(session, tenant_id, scope=staff.tenant_id)
-    issued = _issue(session, state, tenant, data)
-    _audit(session, request, staff, "key.issue", issued.id, tenant.id, {"name": data.name})
+    issued = _issue(session, resources, tenant, data)
+    audit_change(session, request, staff, "key.issue", issued.id, tenant.id, {"name": data.name})
     return issued
 
 
@@ -176,7 +141,7 @@ def revoke_key(request: Request, key_id: str, staff: AdminCaller, session: DbSes
     key = repository.get_key(session, key_id, scope=staff.tenant_id)
     repository.revoke_key(session, key)
     public = repository.key_public(key)
-    _audit(session, request, staff, "key.revoke", key.id, key.tenant_id)
+    audit_change(session, request, staff, "key.revoke", key.id, key.tenant_id)
     return public
 
 
@@ -189,7 +154,7 @@ def rotate_key(
     key_id: str,
     staff: AdminCaller,
     session: DbSession,
-    state: State,
+    resources: ResourcesDep,
     data: KeyRotate | None = None,
 ) -> KeyIssued:
     grace = (data or KeyRotate()).grace_seconds
@@ -201,10 +166,10 @@ def rotate_key(
         name=old.name, scopes=cast(list[Scope], old.scopes.split()), rate_limit=old.rate_limit,
         expires_at=old.expires_at,
     )  # fmt: skip
-    issued = _issue(session, state, tenant, replacement)
+    issued = _issue(session, resources, tenant, replacement)
     repository.revoke_key(session, old, after_seconds=grace)
     details = {"replaced_by": issued.id, "grace_seconds": grace}
-    _audit(session, request, staff, "key.rotate", old.id, old.tenant_id, details)
+    audit_change(session, request, staff, "key.rotate", old.id, old.tenant_id, details)
     return issued
 
 
@@ -216,56 +181,20 @@ def rotate_key(
     responses=_WRITE_ERRORS,
 )  # fmt: skip
 def create_user(
-    request: Request, data: UserCreate, staff: AdminCaller, session: DbSession
+    request: Request,
+    data: UserCreate,
+    staff: AdminCaller,
+    session: DbSession,
+    resources: ResourcesDep,
 ) -> UserPublic:
     if staff.tenant_id is not None:
         if data.tenant_id is None:
             raise Forbidden("Tenant admins create users of their own tenant only.")
         repository.get_tenant(session, data.tenant_id, scope=staff.tenant_id)
-    user = repository.create_user(session, data, password_hash=hash_password(data.password))
+    user = repository.create_user(
+        session, data, password_hash=resources.passwords.hash(data.password)
+    )
     public = UserPublic.model_validate(user, from_attributes=True)
     details = {"username": user.username, "role": user.role}
-    _audit(session, request, staff, "user.create", user.id, user.tenant_id, details)
+    audit_change(session, request, staff, "user.create", user.id, user.tenant_id, details)
     return public
-
-
-# Model versions
-
-
-def _models_public(state: State) -> ModelsPublic:
-    return ModelsPublic(
-        active=state.models.current.version,
-        versions=[
-            ModelVersionPublic.model_validate(m.public())
-            for m in list_versions(state.settings.model_dir)
-        ],
-    )
-
-
-@router.get("/models", response_model=ModelsPublic)
-async def list_models(staff: AdminCaller, state: State) -> ModelsPublic:
-    return _models_public(state)
-
-
-@router.post("/models/{version}/activate", response_model=ModelsPublic, responses=_WRITE_ERRORS)
-async def activate_model(
-    request: Request, version: str, staff: AdminCaller, state: State
-) -> ModelsPublic:
-    _platform_only(staff)
-    try:
-        read_manifest(state.settings.model_dir, version)
-    except ModelError:
-        raise NotFound(f"No model version {version!r}.") from None
-    try:
-        # Load here first: a version that fails its checksum is refused, not half-activated.
-        await state.models.activate(version)
-    except ModelError as exc:
-        raise Conflict(str(exc)) from None
-
-    def store() -> None:
-        with Session(state.engine) as session:
-            repository.set_active_model(session, version)
-            _audit(session, request, staff, "model.activate", version, None)
-
-    await asyncio.to_thread(store)
-    return _models_public(state)

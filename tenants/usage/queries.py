@@ -15,9 +15,9 @@ from typing import Any, Literal
 from sqlalchemy import Engine, case, func
 from sqlmodel import Session, col, select
 
-from service.errors import NotFound
-from tenants.models import UsageRecord
+from tenants.errors import NotFound
 from tenants.paging import newest_first, page_of
+from tenants.tables import UsageRecord
 
 GroupBy = Literal["tenant", "key", "day"]
 CSV_COLUMNS = (

@@ -1,6 +1,6 @@
 """Verified-key records held in each worker, so a prediction does not query the database.
 
-Freshness comes from `service.sync`: every worker polls a change counter a few times a second
+Freshness comes from `service.changes`: every worker polls a change counter a few times a second
 and clears this cache when an admin revoked, rotated, suspended or re-limited anything. The
 lifetimes below are a second line of defence, not the mechanism.
 """

@@ -17,11 +17,13 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.api.context import RequestContext
+from service.api.problems import PROBLEM_CONTENT_TYPE, problem_body
 from service.config import Settings
-from service.errors import PROBLEM_CONTENT_TYPE, PayloadTooLarge, problem_body
 from service.logging import anonymise_ip
-from service.state import AppState
-from tenants.models import fast_id
+from service.resources import Resources
+from tenants.errors import PayloadTooLarge
+from tenants.ids import fast_id
 
 log = structlog.get_logger("tenantserve.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -50,8 +52,8 @@ class RequestMiddleware:
         # Every line logged while serving this request carries its id, whoever logs it.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        context = RequestContext(request_id=request_id)
+        context.attach(scope)
         response: dict[str, Any] = {"status": 500, "started": False}
 
         async def send_with_headers(message: Message) -> None:
@@ -61,7 +63,7 @@ class RequestMiddleware:
                 # Appended as raw pairs: no route sets these, and MutableHeaders would scan
                 # and re-encode the whole list once per header.
                 headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-                window = state.get("rate_window")
+                window = context.rate_window
                 if window is not None:
                     headers += [
                         (b"x-ratelimit-limit", b"%d" % window.limit),
@@ -83,7 +85,7 @@ class RequestMiddleware:
             if not response["started"]:
                 await self._send_problem(send_with_headers, None, request_id)
         finally:
-            self._finish(scope, state, response["status"], started)
+            self._finish(scope, context, response["status"], started)
 
     @staticmethod
     def _request_id(scope: Scope) -> str:
@@ -139,7 +141,7 @@ class RequestMiddleware:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _finish(self, scope: Scope, state: dict[str, Any], status: int, started: float) -> None:
+    def _finish(self, scope: Scope, context: RequestContext, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
         path: str = scope["path"]
         route = scope.get("route")
@@ -147,39 +149,32 @@ class RequestMiddleware:
         metrics.REQUESTS.labels(route_path, scope["method"], str(status)).inc()
         metrics.LATENCY.labels(route_path).observe(elapsed)
         fields: dict[str, Any] = {
-            "request_id": state["request_id"],
+            "request_id": context.request_id,
             "method": scope["method"],
             "path": path,
             "status_code": status,
             "duration_ms": round(elapsed * 1000, 3),
             "client": anonymise_ip(scope["client"][0] if scope.get("client") else None),
         }
-        customer = state.get("customer")
-        if customer is not None and path not in _UNRECORDED:
-            items = state.get("items", 0)
-            model_version = state.get("model_version")
+        entry = (
+            None
+            if path in _UNRECORDED
+            else context.usage_entry(
+                method=scope["method"],
+                path=path,
+                status_code=status,
+                latency_ms=fields["duration_ms"],
+            )
+        )
+        if entry is not None:
             fields.update(
-                tenant_id=customer.tenant_id,
-                key_id=customer.key_id,
-                model_version=model_version,
-                items=items,
+                tenant_id=entry.tenant_id,
+                key_id=entry.key_id,
+                model_version=entry.model_version,
+                items=entry.items,
             )
-            app_state: AppState = scope["app"].state.tenantserve
-            app_state.usage.add(
-                {
-                    "id": fast_id(),
-                    "at": state["received_at"],
-                    "request_id": state["request_id"],
-                    "tenant_id": customer.tenant_id,
-                    "key_id": customer.key_id,
-                    "method": scope["method"],
-                    "path": path[:200],
-                    "status_code": status,
-                    "items": items,
-                    "latency_ms": fields["duration_ms"],
-                    "model_version": model_version,
-                }
-            )
-        if self.log_features and "features" in state:
-            fields["features"] = state["features"]
+            resources: Resources = scope["app"].state.resources
+            resources.usage.add(entry)
+        if self.log_features and context.features is not None:
+            fields["features"] = context.features
         log.info("request", **fields)

@@ -9,10 +9,17 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from auth.dependencies import API_KEY_SECURITY
 from auth.principals import Customer
 from service import metrics
-from service.errors import (
+from service.api.context import context_of
+from service.api.dependencies import API_KEY_SECURITY, predict_caller
+from service.api.problems import error_responses
+from service.limits.quota import reserve_quota
+from service.resources import Resources
+from service.serving.features import parse_batch, parse_single
+from service.serving.runtime import encode_predictions
+from service.serving.schemas import BatchPrediction, BatchRequest, Features, Prediction
+from tenants.errors import (
     Forbidden,
     InvalidCredentials,
     MissingCredentials,
@@ -23,13 +30,7 @@ from service.errors import (
     RateLimited,
     TenantSuspended,
     ValidationFailed,
-    error_responses,
 )
-from service.guards import predict_caller, reserve_quota
-from service.serving.features import parse_batch, parse_single
-from service.serving.runtime import encode_predictions
-from service.serving.schemas import BatchPrediction, BatchRequest, Features, Prediction
-from service.state import AppState
 
 router = APIRouter(tags=["predict"])
 _ERRORS = error_responses(
@@ -50,18 +51,19 @@ def _openapi(model: type[Features] | type[BatchRequest]) -> dict[str, Any]:
 
 
 async def _predict(
-    request: Request, state: AppState, customer: Customer, rows: np.ndarray
+    request: Request, resources: Resources, customer: Customer, rows: np.ndarray
 ) -> tuple[str, list[dict[str, Any]]]:
-    if state.settings.log_features:
-        request.state.features = rows.tolist()
-    reservation = await reserve_quota(state, customer, len(rows))
+    context = context_of(request)
+    if resources.settings.log_features:
+        context.features = rows.tolist()
+    reservation = await reserve_quota(resources, customer, len(rows))
     try:
-        model, proba = await state.batcher.predict(rows)
+        model, proba = await resources.batcher.predict(rows)
     except BaseException:
         await reservation.release()
         raise
-    request.state.items = len(rows)
-    request.state.model_version = model.version
+    context.items = len(rows)
+    context.model_version = model.version
     metrics.PREDICTIONS.labels(model.version).inc(len(rows))
     return model.version, encode_predictions(model, proba)
 
@@ -78,9 +80,9 @@ def _json(body: Any) -> Response:
     summary="Predict the species of one iris",
 )
 async def predict(request: Request) -> Response:
-    state, customer = await predict_caller(request)
+    resources, customer = await predict_caller(request)
     rows = parse_single(await request.body())
-    _, predictions = await _predict(request, state, customer, rows)
+    _, predictions = await _predict(request, resources, customer, rows)
     return _json(predictions[0])
 
 
@@ -92,9 +94,9 @@ async def predict(request: Request) -> Response:
     summary="Predict many irises in one call, answers in input order",
 )
 async def predict_batch(request: Request) -> Response:
-    state, customer = await predict_caller(request)
-    cap = min(customer.max_batch_size, state.settings.max_batch_size)
+    resources, customer = await predict_caller(request)
+    cap = min(customer.max_batch_size, resources.settings.max_batch_size)
     rows = parse_batch(await request.body(), cap=cap)
     metrics.BATCH_SIZE.observe(len(rows))
-    version, predictions = await _predict(request, state, customer, rows)
+    version, predictions = await _predict(request, resources, customer, rows)
     return _json({"predictions": predictions, "model_version": version})

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
-from sqlmodel import Session
 
-from auth.dependencies import State
-from service.errors import (
+from service.api.dependencies import DbSession, UsageCaller
+from service.api.problems import error_responses
+from tenants.errors import (
     Forbidden,
     InvalidCredentials,
     MissingCredentials,
     RateLimited,
     ValidationFailed,
-    error_responses,
 )
-from service.guards import UsageCaller, month_start
-from tenants.usage_queries import UsageFilter, predictions_since, totals
+from tenants.usage.queries import UsageFilter, predictions_since, totals
+from tenants.usage.records import month_start
 
 router = APIRouter(tags=["usage"])
 
@@ -46,9 +44,9 @@ class TenantUsage(BaseModel):
         MissingCredentials, InvalidCredentials, Forbidden, ValidationFailed, RateLimited
     ),
 )
-async def own_usage(
-    state: State,
+def own_usage(
     customer: UsageCaller,
+    session: DbSession,
     start: Annotated[
         datetime | None, Query(alias="from", description="default: month start")
     ] = None,
@@ -56,16 +54,11 @@ async def own_usage(
 ) -> TenantUsage:
     this_month = month_start(datetime.now(UTC))
     period = UsageFilter(tenant_id=customer.tenant_id, start=start or this_month, end=end)
-
-    def read() -> TenantUsage:
-        with Session(state.engine) as session:
-            requests, predictions, errors = totals(session, period)
-            used = predictions_since(session, customer.tenant_id, this_month)
-        limit = customer.monthly_quota
-        remaining = None if limit is None else max(0, limit - used)
-        return TenantUsage(
-            tenant_id=customer.tenant_id, requests=requests, predictions=predictions,
-            errors=errors, quota=Quota(monthly_limit=limit, used=used, remaining=remaining),
-        )  # fmt: skip
-
-    return await asyncio.to_thread(read)
+    requests, predictions, errors = totals(session, period)
+    used = predictions_since(session, customer.tenant_id, this_month)
+    limit = customer.monthly_quota
+    remaining = None if limit is None else max(0, limit - used)
+    return TenantUsage(
+        tenant_id=customer.tenant_id, requests=requests, predictions=predictions,
+        errors=errors, quota=Quota(monthly_limit=limit, used=used, remaining=remaining),
+    )  # fmt: skip

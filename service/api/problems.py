@@ -1,12 +1,11 @@
-"""Error classes that carry their own status and code, and the one problem+json renderer.
+"""The one problem+json renderer (RFC 9457), the handlers that use it, and its OpenAPI entries.
 
-Every error the API returns — ours, FastAPI's 404/405/422, an oversized body, an unexpected
-exception — leaves through `problem_response`, so clients parse exactly one shape (RFC 9457).
+Every error the API returns — ours (`tenants.errors`), FastAPI's 404/405/422, an oversized body,
+an unexpected exception — leaves through `problem_response`, so clients parse one shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -20,75 +19,21 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.api.context import context_of
+from tenants.errors import (
+    AppError,
+    Conflict,
+    Forbidden,
+    InvalidCredentials,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    ValidationFailed,
+)
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 log = structlog.get_logger("tenantserve.errors")
-
-
-class AppError(Exception):
-    status_code = 500
-    code = "internal_error"
-    title = "Internal server error"
-
-    def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None):
-        self.detail = detail or self.title
-        self.headers = dict(headers or {})
-        super().__init__(self.detail)
-
-
-class MissingCredentials(AppError):
-    status_code, code, title = 401, "missing_credentials", "Credentials required"
-
-
-class InvalidCredentials(AppError):
-    status_code, code, title = 401, "invalid_credentials", "Invalid credentials"
-
-
-class Forbidden(AppError):
-    status_code, code, title = 403, "forbidden", "Forbidden"
-
-
-class TenantSuspended(AppError):
-    status_code, code, title = 403, "tenant_suspended", "Tenant suspended"
-
-
-class NotFound(AppError):
-    status_code, code, title = 404, "not_found", "Not found"
-
-
-class Conflict(AppError):
-    status_code, code, title = 409, "conflict", "Conflict"
-
-
-class PayloadTooLarge(AppError):
-    status_code, code, title = 413, "payload_too_large", "Payload too large"
-
-
-class ValidationFailed(AppError):
-    status_code, code, title = 422, "validation_error", "Validation error"
-
-    def __init__(self, errors: Sequence[Mapping[str, Any]], detail: str | None = None):
-        self.errors = [{"loc": list(e["loc"]), "msg": str(e["msg"])} for e in errors]
-        super().__init__(detail or "The request is not valid; see `errors`.")
-
-
-class RateLimited(AppError):
-    status_code, code, title = 429, "rate_limited", "Too many requests"
-
-
-class QuotaExceeded(AppError):
-    status_code, code, title = 429, "quota_exceeded", "Monthly quota exceeded"
-
-
-class MethodNotAllowed(AppError):
-    status_code, code, title = 405, "method_not_allowed", "Method not allowed"
-
-
-class NotReady(AppError):
-    status_code, code, title = 503, "not_ready", "Service not ready"
-
-
-class Overloaded(AppError):
-    status_code, code, title = 503, "overloaded", "Service overloaded"
 
 
 _ERRORS_BY_STATUS: dict[int, type[AppError]] = {
@@ -161,7 +106,7 @@ def problem_response(error: AppError, request_id: str) -> Response:
 
 
 def request_id_of(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
+    return context_of(request).request_id
 
 
 async def _app_error(request: Request, exc: Exception) -> Response:

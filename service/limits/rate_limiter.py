@@ -5,7 +5,7 @@ middleware skips routes added through `include_router`, a limit raised from a de
 into a 500, and `limits`' moving window needs two Redis round trips (hit, then window stats)
 where the response headers need both. One Lua script below does hit + stats in a single round
 trip on Redis; in-process windows are ours too (see `_LocalWindow`). `limits` parses and
-validates the limit strings.
+validates the limit strings (`tenants.rate_limits`).
 
 While Redis is unreachable each process limits with its own in-memory windows (or answers 503
 with `rate_limit_strict`), logs one warning per outage, and tries Redis again every second.
@@ -21,16 +21,16 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, TypeVar
 
 import structlog
-from limits import RateLimitItem, parse_many
+from limits import RateLimitItem
 from redis import asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from service.errors import Overloaded
-from tenants.models import fast_id
+from tenants.errors import Overloaded
+from tenants.ids import fast_id
+from tenants.rate_limits import parse_limit
 
 log = structlog.get_logger("tenantserve.ratelimit")
 _RETRY_SHARED_AFTER_S = 1.0
@@ -73,21 +73,6 @@ return 1
 
 def _script_sha(script: str) -> str:
     return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
-
-
-@lru_cache(maxsize=1024)
-def parse_limit(text: str) -> RateLimitItem:
-    """`"600/minute"` → a limit; a ValueError that says what is wrong otherwise."""
-    try:
-        items = parse_many(text)
-    except ValueError:
-        items = []
-    # A count of 0 parses, but a limit that refuses everything is a typo; suspension says it.
-    if len(items) != 1 or items[0].amount < 1:
-        raise ValueError(
-            f"invalid rate limit {text!r}: use one '<count>/<period>', e.g. 600/minute"
-        )
-    return items[0]
 
 
 @dataclass(frozen=True, slots=True)

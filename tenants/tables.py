@@ -6,44 +6,17 @@ no zone, as SQLite).
 
 from __future__ import annotations
 
-import itertools
-import os
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field, SQLModel
 
+from tenants.ids import new_id
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-class _ProcessIds:
-    """Unique ids without a system call: a random per-process prefix and a counter.
-
-    NOTE: uuid4 reads the kernel's random source each time; on the request path, twice per
-    request (request id, usage record id), that was a measurable share of the CPU.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):016x}"
-
-
-fast_id = _ProcessIds()
 
 
 class Tenant(SQLModel, table=True):
@@ -119,8 +92,8 @@ class UsageRecord(SQLModel, table=True):
     model_version: str | None = Field(default=None, max_length=64)
 
 
-class ControlState(SQLModel, table=True):
-    """One row every worker polls: what changed since it last looked."""
+class PlatformControl(SQLModel, table=True):
+    """One row of platform-wide switches; every worker watches it for changes."""
 
     __tablename__ = "control_state"
 

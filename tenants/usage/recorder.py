@@ -17,29 +17,28 @@ import json
 import os
 import time
 from collections import deque
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import structlog
 from sqlalchemy import Engine, Insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from tenants.models import UsageRecord
+from tenants.tables import UsageRecord
+from tenants.usage.records import UsageEntry
 
 log = structlog.get_logger("tenantserve.usage")
 _TABLE = UsageRecord.__table__  # type: ignore[attr-defined]
 _RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
 
-def _insert_ignoring_duplicates(engine: Engine, rows: list[dict[str, Any]]) -> None:
+def _insert_ignoring_duplicates(engine: Engine, entries: list[UsageEntry]) -> None:
     # One statement, compiled once and cached; SQLAlchemy's "insertmanyvalues" sends the rows
     # as multi-row INSERTs. (`.values(rows)` would compile a new statement every flush.)
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement: Insert = dialect.insert(_TABLE).on_conflict_do_nothing(index_elements=["id"])
     with engine.begin() as connection:
-        connection.execute(statement, rows)
+        connection.execute(statement, [entry.as_row() for entry in entries])
 
 
 class UsageRecorder:
@@ -58,7 +57,7 @@ class UsageRecorder:
         self._max_rows = min(max_rows, 2000)
         self._max_queue = max_queue
         self._spill_dir = spill_dir
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[UsageEntry] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
@@ -71,12 +70,12 @@ class UsageRecorder:
     def is_full(self) -> bool:
         return len(self._queue) >= self._max_queue
 
-    def pending(self) -> list[dict[str, Any]]:
-        """Records not yet written (quota seeding counts them too)."""
-        return list(self._queue)
+    def pending_items(self, tenant_id: str) -> int:
+        """Predictions of `tenant_id` not yet written (quota seeding counts them too)."""
+        return sum(entry.items for entry in self._queue if entry.tenant_id == tenant_id)
 
-    def add(self, record: dict[str, Any]) -> None:
-        self._queue.append(record)
+    def add(self, entry: UsageEntry) -> None:
+        self._queue.append(entry)
         if len(self._queue) >= self._max_rows:
             self._wake.set()
 
@@ -126,8 +125,8 @@ class UsageRecorder:
         self._spill_dir.mkdir(parents=True, exist_ok=True)
         path = self._spill_dir / f"usage-spill-{os.getpid()}-{time.time_ns()}.jsonl"
         with path.open("w") as spill:
-            for record in self._queue:
-                spill.write(json.dumps({**record, "at": record["at"].isoformat()}) + "\n")
+            for entry in self._queue:
+                spill.write(json.dumps(entry.as_json()) + "\n")
         log.error("usage_spilled_to_disk", records=len(self._queue), file=str(path))
         self._queue.clear()
 
@@ -139,9 +138,6 @@ class UsageRecorder:
             except OSError:
                 continue
             lines = claimed.read_text().splitlines()
-            for line in lines:
-                record = json.loads(line)
-                record["at"] = datetime.fromisoformat(record["at"])
-                self._queue.append(record)
+            self._queue.extend(UsageEntry.from_json(json.loads(line)) for line in lines)
             claimed.unlink()
             log.info("usage_spill_loaded", records=len(lines), file=str(path))

@@ -10,9 +10,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from auth.dependencies import State
 from service import metrics
-from service.state import AppState
+from service.api.dependencies import ResourcesDep
+from service.resources import Resources
 
 router = APIRouter(tags=["operations"])
 
@@ -26,8 +26,8 @@ class Readiness(BaseModel):
     checks: dict[str, str]
 
 
-def _database_ok(state: AppState) -> bool:
-    with state.engine.connect() as connection:
+def _database_ok(resources: Resources) -> bool:
+    with resources.engine.connect() as connection:
         connection.execute(text("SELECT 1"))
     return True
 
@@ -42,19 +42,19 @@ async def health() -> Health:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "A dependency is down"}},
 )
-async def ready(state: State) -> Response:
+async def ready(resources: ResourcesDep) -> Response:
     try:
-        database = await asyncio.wait_for(asyncio.to_thread(_database_ok, state), timeout=3)
+        database = await asyncio.wait_for(asyncio.to_thread(_database_ok, resources), timeout=3)
     except Exception:
         database = False
-    limiter_ok = await state.limiter.ping()
+    limiter_ok = await resources.limiter.ping()
     checks = {
-        "model": f"ok ({state.models.current.version})",
+        "model": f"ok ({resources.models.current.version})",
         "database": "ok" if database else "unreachable",
         # Down shared storage degrades limits to per-process ones; serving goes on.
-        "rate_limit_storage": state.limiter.status if limiter_ok else "degraded",
+        "rate_limit_storage": resources.limiter.status if limiter_ok else "degraded",
     }
-    strict_down = state.settings.rate_limit_strict and not limiter_ok
+    strict_down = resources.settings.rate_limit_strict and not limiter_ok
     status = "ready" if database and not strict_down else "not_ready"
     body = Readiness(status=status, checks=checks)
     return Response(
@@ -65,8 +65,8 @@ async def ready(state: State) -> Response:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def prometheus_metrics(state: State) -> Response:
+async def prometheus_metrics(resources: ResourcesDep) -> Response:
     # Gauges of state, refreshed when scraped: the answering worker's as of now.
-    metrics.USAGE_QUEUE.set(state.usage.depth)
+    metrics.USAGE_QUEUE.set(resources.usage.depth)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

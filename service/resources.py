@@ -7,16 +7,17 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from starlette.requests import HTTPConnection
 
-from auth.cache import KeyCache
+from auth.passwords import PasswordHasher
+from service.api.key_cache import KeyCache
 from service.config import Settings
-from service.ratelimit import RateLimiter
+from service.limits.rate_limiter import RateLimiter
 from service.serving.batcher import MicroBatcher
 from service.serving.models import ModelHolder
-from tenants.usage import UsageRecorder
+from tenants.usage.recorder import UsageRecorder
 
 
 @dataclass(slots=True)
-class AppState:
+class Resources:
     settings: Settings
     engine: Engine
     limiter: RateLimiter
@@ -24,10 +25,16 @@ class AppState:
     batcher: MicroBatcher
     keys: KeyCache
     usage: UsageRecorder
+    passwords: PasswordHasher
     database_ok: bool = True
+    """As last seen by the change watcher: False while the database is unreachable."""
 
 
-async def app_state(connection: HTTPConnection) -> AppState:
+async def get_resources(connection: HTTPConnection) -> Resources:
     # async: FastAPI would run a plain `def` dependency in the thread pool on every request.
-    state: AppState = connection.app.state.tenantserve
-    return state
+    return resources_of(connection)
+
+
+def resources_of(connection: HTTPConnection) -> Resources:
+    resources: Resources = connection.app.state.resources
+    return resources

@@ -1,0 +1,48 @@
+"""One usage record as it travels: built when a request ends, queued, counted, written, spilled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEntry:
+    id: str
+    """Made by the worker: a retried write cannot insert the record twice."""
+    at: datetime
+    request_id: str
+    tenant_id: str
+    key_id: str
+    method: str
+    path: str
+    status_code: int
+    items: int
+    latency_ms: float
+    model_version: str | None
+
+    def as_row(self) -> dict[str, Any]:
+        """The `usage_records` row (an INSERT's parameters)."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.as_row(), "at": self.at.isoformat()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UsageEntry:
+        return cls(**{**data, "at": datetime.fromisoformat(data["at"])})
+
+
+def month_start(now: datetime) -> datetime:
+    """The start of `now`'s calendar month: quotas count from here."""
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_month_start(now: datetime) -> datetime:
+    start = month_start(now)
+    return (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
