@@ -3,14 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The deployment checks' tools (checkov, kubernetes-validate, check-jsonschema) get a venv of
+# their own: checkov's pins would downgrade the app's dependencies in .venv.
+TOOLS := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed-stamp
 
-.PHONY: run test lint typecheck dockerlint unit bench clean
+.PHONY: run test lint typecheck dockerlint deploycheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(TOOLS_STAMP): deploy/tools-requirements.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS)/bin/python -m pip install --quiet -r deploy/tools-requirements.txt
+	touch $(TOOLS_STAMP)
 
 run: $(STAMP)
 	$(BIN)/tenantserve serve
@@ -25,7 +35,10 @@ typecheck: $(STAMP)
 dockerlint: $(STAMP)
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 
-unit: $(STAMP)
+deploycheck: $(STAMP) $(TOOLS_STAMP)
+	$(BIN)/pytest tests/test_deploy.py
+
+unit: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck dockerlint unit
@@ -34,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python -m perf.bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache tenantserve.db* models usage-spill
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache tenantserve.db* models usage-spill
