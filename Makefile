@@ -10,7 +10,12 @@ LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 COMPILE := $(BIN)/uv pip compile pyproject.toml --python-version 3.11 --quiet --no-header
 
-.PHONY: run test lint typecheck dockerlint unit bench clean lock
+# The deployment checks' tools (checkov, kubernetes-validate, check-jsonschema) get a venv of
+# their own: checkov's pins would downgrade the app's dependencies in .venv.
+TOOLS := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed-stamp
+
+.PHONY: run test lint typecheck dockerlint deploycheck unit bench clean lock
 
 $(STAMP): $(LOCK) $(DEV_LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +26,11 @@ $(STAMP): $(LOCK) $(DEV_LOCK) pyproject.toml
 lock: $(STAMP)
 	$(COMPILE) --upgrade -o $(LOCK)
 	$(COMPILE) --extra dev --constraint $(LOCK) -o $(DEV_LOCK)
+
+$(TOOLS_STAMP): deploy/tools-requirements.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet -r deploy/tools-requirements.txt
+	touch $(TOOLS_STAMP)
 
 run: $(STAMP)
 	$(BIN)/tenantserve serve
@@ -36,7 +46,10 @@ typecheck: $(STAMP)
 dockerlint: $(STAMP)
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 
-unit: $(STAMP)
+deploycheck: $(STAMP) $(TOOLS_STAMP)
+	$(BIN)/pytest tests/test_deploy.py
+
+unit: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck dockerlint unit
@@ -45,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python -m perf.bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache tenantserve.db* models usage-spill
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache tenantserve.db* models usage-spill
