@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     log_features: bool = False
     """Log feature values of predictions (off: they may be personal data)."""
 
+    otel_enabled: bool = False
+    """FastAPI's native OpenTelemetry (traces, metrics, logs), exported as the standard
+    `OTEL_*` variables say (needs the `otel` extra); off, a request pays nothing for it."""
+
     log_redact_keys: str = ""
     """Comma-separated extra field names to mask in logs, on top of the built-in list."""
 

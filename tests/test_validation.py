@@ -114,11 +114,11 @@ SINGLE_CASES: dict[str, tuple[bytes, Loc]] = {
     "huge integer": (raw(features(sepal_length=10**30)), ["body", "sepal_length"]),
     "true": (raw(features(sepal_width=True)), ["body", "sepal_width"]),
     "false": (raw(features(sepal_width=False)), ["body", "sepal_width"]),
-    # JSON has no NaN or Infinity: the body as a whole is not JSON.
-    "NaN": (raw(features(sepal_length=math.nan)), ["body"]),
-    "Infinity": (raw(features(sepal_length=math.inf)), ["body"]),
-    "-Infinity": (raw(features(sepal_length=-math.inf)), ["body"]),
-    "overflowing number": (b'{"sepal_length": 1e400}', ["body"]),
+    # JSON has no NaN or Infinity; pydantic reads the bare tokens and names the field.
+    "NaN": (raw(features(sepal_length=math.nan)), ["body", "sepal_length"]),
+    "Infinity": (raw(features(sepal_length=math.inf)), ["body", "sepal_length"]),
+    "-Infinity": (raw(features(sepal_length=-math.inf)), ["body", "sepal_length"]),
+    "overflowing number": (b'{"sepal_length": 1e400}', ["body", "sepal_length"]),
     "extra field": (raw(features(colour="blue")), ["body", "colour"]),
     "malformed JSON": (raw(FEATURES)[:-1], ["body"]),
     "empty body": (b"", ["body"]),
@@ -134,7 +134,7 @@ BATCH_CASES: dict[str, tuple[bytes, Loc]] = {
     "empty batch": (raw({"items": []}), ["body", "items"]),
     "no items": (raw({}), ["body", "items"]),
     "items not a list": (raw({"items": FEATURES}), ["body", "items"]),
-    "a list body": (raw([FEATURES]), ["body", "items"]),
+    "a list body": (raw([FEATURES]), ["body"]),
     "malformed JSON": (raw({"items": [FEATURES]})[:-2], ["body"]),
     "extra top-level field": (raw({"items": [FEATURES], "mode": "fast"}), ["body", "mode"]),
     "item not an object": (raw({"items": [FEATURES, 5.1]}), ["body", "items", 1]),
@@ -156,7 +156,10 @@ BATCH_CASES: dict[str, tuple[bytes, Loc]] = {
         raw({"items": [features(petal_length=True)]}),
         ["body", "items", 0, "petal_length"],
     ),
-    "NaN in one item": (raw({"items": [FEATURES, features(sepal_width=math.nan)]}), ["body"]),
+    "NaN in one item": (
+        raw({"items": [FEATURES, features(sepal_width=math.nan)]}),
+        ["body", "items", 1, "sepal_width"],
+    ),
 }
 
 
@@ -260,10 +263,8 @@ def test_in_bounds_answers_and_out_of_bounds_is_422(
     assert_predicted(post(client, "/v1/predict", raw(row), roomy_key))
 
     spoiled_row = {**row, spoiled: bad}
-    # A non-finite number makes the whole body invalid JSON, so nothing narrower can be named.
-    finite = math.isfinite(bad)
     response = post(client, "/v1/predict", raw(spoiled_row), roomy_key)
-    assert_invalid(response, ["body", spoiled] if finite else ["body"])
+    assert_invalid(response, ["body", spoiled])
     batch = raw({"items": [row, spoiled_row]})
     response = post(client, "/v1/predict/batch", batch, roomy_key)
-    assert_invalid(response, ["body", "items", 1, spoiled] if finite else ["body"])
+    assert_invalid(response, ["body", "items", 1, spoiled])

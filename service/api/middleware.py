@@ -1,8 +1,9 @@
 """The one middleware every request passes, written as plain ASGI (no BaseHTTPMiddleware).
 
-In order: a request id (the caller's if well-formed), a body-size guard that also counts
-chunked bodies, the response headers of the contract, a last-resort 500 in problem+json,
-then — once the response is sent — the usage record, the metrics and the one log line.
+In order: a request id (the caller's if well-formed), the response headers of the contract,
+a last-resort 500 in problem+json, then — once the response is sent — the usage record, the
+metrics and the one log line. It runs outermost (see `service.main.TenantServe`): the body
+limit is FastAPI's own (`max_body_size`), whose plain-text 413 is turned into problem+json here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import time
 from typing import Any
 
 import structlog
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,19 +28,20 @@ from tenants.ids import fast_id
 log = structlog.get_logger("tenantserve.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _UNRECORDED = frozenset({"/health", "/ready", "/metrics"})
+_REPLACED_ON_413 = frozenset({b"content-type", b"content-length", b"connection"})
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from `receive`: an HTTPException, so FastAPI's body reader lets it through."""
-
-    def __init__(self) -> None:
-        super().__init__(status_code=413)
+def _problem_headers(body: bytes, *, close: bool) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    return [*headers, (b"connection", b"close")] if close else headers
 
 
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
         self.app = app
-        self.max_body = settings.max_body_bytes
         self.log_features = settings.log_features
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -55,6 +56,7 @@ class RequestMiddleware:
         context = RequestContext(request_id=request_id)
         context.attach(scope)
         response: dict[str, Any] = {"status": 500, "started": False}
+        send = self._problem_for_plain_413(send, request_id)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -74,10 +76,7 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            if self._declared_length(scope) > self.max_body:
-                await self._send_problem(send_with_headers, PayloadTooLarge(), request_id)
-            else:
-                await self.app(scope, self._limited(receive), send_with_headers)
+            await self.app(scope, receive, send_with_headers)
         except ClientDisconnect:
             response["status"] = 499  # the client left before sending its body: nobody to answer
         except Exception:
@@ -98,29 +97,25 @@ class RequestMiddleware:
         return fast_id()
 
     @staticmethod
-    def _declared_length(scope: Scope) -> int:
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    return int(value)
-                except ValueError:
-                    return 0
-        return 0
+    def _problem_for_plain_413(send: Send, request_id: str) -> Send:
+        """Starlette's body limit answers `Content Too Large` in plain text: say it our way."""
+        pending: list[bytes] = []
 
-    def _limited(self, receive: Receive) -> Receive:
-        """Count the body as it arrives, so a chunked body cannot slip past the limit."""
-        received = 0
+        async def send_problem_413(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                headers = message.get("headers", ())
+                if (b"content-type", PROBLEM_CONTENT_TYPE.encode()) not in headers:
+                    error = PayloadTooLarge()
+                    body = problem_body(status=413, code=error.code, title=error.title,
+                                        detail=error.detail, request_id=request_id)  # fmt: skip
+                    kept = [(k, v) for k, v in headers if k not in _REPLACED_ON_413]
+                    message["headers"] = [*kept, *_problem_headers(body, close=True)]
+                    pending.append(body)
+            elif message["type"] == "http.response.body" and pending:
+                message = {"type": "http.response.body", "body": pending.pop()}
+            await send(message)
 
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge()
-            return message
-
-        return receive_limited
+        return send_problem_413
 
     @staticmethod
     async def _send_problem(send: Send, error: PayloadTooLarge | None, request_id: str) -> None:
@@ -132,12 +127,7 @@ class RequestMiddleware:
             detail=error.detail if error else "An unexpected error occurred; it has been logged.",
             request_id=request_id,
         )
-        headers = [
-            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if error:
-            headers.append((b"connection", b"close"))
+        headers = _problem_headers(body, close=error is not None)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -142,7 +142,14 @@ async def _database_unreachable(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette's ServerErrorMiddleware sends this, then re-raises for the request middleware
+    # to log: nothing of the exception reaches the client.
+    return problem_response(AppError(), request_id_of(request))
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(AppError, _app_error)
     for outage in (OperationalError, InterfaceError, SQLAlchemyTimeoutError):
         app.add_exception_handler(outage, _database_unreachable)

@@ -5,20 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, TypeAdapter
 
 from auth.principals import Customer
 from service import metrics
 from service.api.context import context_of
 from service.api.dependencies import API_KEY_SECURITY, predict_caller
 from service.api.problems import error_responses
+from service.config import Settings
 from service.limits.quota import reserve_quota
 from service.resources import Resources
-from service.serving.features import parse_batch, parse_single
-from service.serving.runtime import encode_predictions
-from service.serving.schemas import BatchPrediction, BatchRequest, Features, Prediction
+from service.serving.answers import batch_answer, single_answer
+from service.serving.bodies import batch_rows, single_rows
+from service.serving.schemas import (
+    FEATURES_ADAPTER,
+    BatchPrediction,
+    Prediction,
+    batch_request_model,
+    inline_json_schema,
+)
+from service.telemetry import annotate_span
 from tenants.errors import (
     Forbidden,
     InvalidCredentials,
@@ -32,19 +40,20 @@ from tenants.errors import (
     ValidationFailed,
 )
 
-router = APIRouter(tags=["predict"])
 _ERRORS = error_responses(
     MissingCredentials, InvalidCredentials, Forbidden, TenantSuspended, PayloadTooLarge,
     ValidationFailed, RateLimited, QuotaExceeded, Overloaded, NotReady,
 )  # fmt: skip
+PREDICT_PATHS = ("/v1/predict", "/v1/predict/batch")
 
 
-def _openapi(model: type[Features] | type[BatchRequest]) -> dict[str, Any]:
+def _openapi(body: type[BaseModel] | TypeAdapter[Any]) -> dict[str, Any]:
     """What the route's signature would have declared: its body and its caller's key."""
+    schema = body.json_schema() if isinstance(body, TypeAdapter) else body.model_json_schema()
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "content": {"application/json": {"schema": inline_json_schema(schema)}},
         },
         "security": API_KEY_SECURITY,
     }
@@ -52,7 +61,7 @@ def _openapi(model: type[Features] | type[BatchRequest]) -> dict[str, Any]:
 
 async def _predict(
     request: Request, resources: Resources, customer: Customer, rows: np.ndarray
-) -> tuple[str, list[dict[str, Any]]]:
+) -> tuple[str, np.ndarray]:
     context = context_of(request)
     if resources.settings.log_features:
         context.features = rows.tolist()
@@ -65,38 +74,45 @@ async def _predict(
     context.items = len(rows)
     context.model_version = model.version
     metrics.PREDICTIONS.labels(model.version).inc(len(rows))
-    return model.version, encode_predictions(model, proba)
+    annotate_span(customer, model.version)
+    return model.version, proba
 
 
-def _json(body: Any) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
 
 
-@router.post(
-    "/v1/predict",
-    response_model=Prediction,
-    responses=_ERRORS,
-    openapi_extra=_openapi(Features),
-    summary="Predict the species of one iris",
-)
-async def predict(request: Request) -> Response:
-    resources, customer = await predict_caller(request)
-    rows = parse_single(await request.body())
-    _, predictions = await _predict(request, resources, customer, rows)
-    return _json(predictions[0])
+def build_router(settings: Settings) -> APIRouter:
+    """The two routes; the batch body's schema carries this server's cap."""
+    router = APIRouter(tags=["predict"])
+    batch_model = batch_request_model(settings.max_batch_size)
 
+    @router.post(
+        PREDICT_PATHS[0],
+        response_model=Prediction,
+        responses=_ERRORS,
+        openapi_extra=_openapi(FEATURES_ADAPTER),
+        summary="Predict the species of one iris",
+    )
+    async def predict(request: Request) -> Response:
+        resources, customer = await predict_caller(request)
+        rows = single_rows(await request.body())
+        version, proba = await _predict(request, resources, customer, rows)
+        return _json(single_answer(version, proba))
 
-@router.post(
-    "/v1/predict/batch",
-    response_model=BatchPrediction,
-    responses=_ERRORS,
-    openapi_extra=_openapi(BatchRequest),
-    summary="Predict many irises in one call, answers in input order",
-)
-async def predict_batch(request: Request) -> Response:
-    resources, customer = await predict_caller(request)
-    cap = min(customer.max_batch_size, resources.settings.max_batch_size)
-    rows = parse_batch(await request.body(), cap=cap)
-    metrics.BATCH_SIZE.observe(len(rows))
-    version, predictions = await _predict(request, resources, customer, rows)
-    return _json({"predictions": predictions, "model_version": version})
+    @router.post(
+        PREDICT_PATHS[1],
+        response_model=BatchPrediction,
+        responses=_ERRORS,
+        openapi_extra=_openapi(batch_model),
+        summary="Predict many irises in one call, answers in input order",
+    )
+    async def predict_batch(request: Request) -> Response:
+        resources, customer = await predict_caller(request)
+        cap = min(customer.max_batch_size, resources.settings.max_batch_size)
+        rows = batch_rows(await request.body(), batch_model, cap=cap)
+        metrics.BATCH_SIZE.observe(len(rows))
+        version, proba = await _predict(request, resources, customer, rows)
+        return _json(batch_answer(version, proba))
+
+    return router
