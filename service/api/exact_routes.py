@@ -37,10 +37,12 @@ class ExactRoutes:
             # Only routes whose whole contract is "take the request, return a response".
             if not _takes_only_the_request(route) or route.param_convertors:
                 raise ValueError(f"{route.path} declares parameters: it needs the router")
-            self.routes.update({(route.path, method): route for method in route.methods})
+            self.routes.update({(route.path, method): route for method in route.methods or ()})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.routes.get((scope["path"], scope["method"])) if scope["type"] == "http" else None
+        route = (
+            self.routes.get((scope["path"], scope["method"])) if scope["type"] == "http" else None
+        )
         if route is None:
             await self.app(scope, receive, send)
             return

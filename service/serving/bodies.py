@@ -17,7 +17,9 @@ from tenants.errors import ValidationFailed
 
 def _refusal(exc: ValidationError) -> ValidationFailed:
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
-    return ValidationFailed([{"loc": ["body", *error["loc"]], "msg": error["msg"]} for error in errors])
+    return ValidationFailed(
+        [{"loc": ["body", *error["loc"]], "msg": error["msg"]} for error in errors]
+    )
 
 
 def _array(rows: Iterable[Features], count: int) -> np.ndarray:

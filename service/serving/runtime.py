@@ -98,17 +98,3 @@ def load_model(model_dir: Path, version: str) -> LoadedModel:
     else:
         fn = _sklearn_proba(estimator)
     return LoadedModel(manifest=manifest, predict_proba=fn)
-
-
-def encode_predictions(model: LoadedModel, proba: np.ndarray) -> list[dict[str, Any]]:
-    """One response item per row; built from plain lists, not per-row pydantic objects."""
-    version = model.version
-    return [
-        {
-            "prediction": best,
-            "species": CLASSES[best],
-            "probabilities": dict(zip(CLASSES, row, strict=True)),
-            "model_version": version,
-        }
-        for best, row in zip(proba.argmax(axis=1).tolist(), proba.tolist(), strict=True)
-    ]

@@ -11,14 +11,11 @@ from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, with_config
 from typing_extensions import TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, with_config
-
 # strict: a number, never a numeric string or a boolean (lax mode would read "5.1" and true).
-Centimetres = Annotated[
-    float, Field(gt=0, le=30, allow_inf_nan=False, strict=True, examples=[5.1])
-]
+Centimetres = Annotated[float, Field(gt=0, le=30, allow_inf_nan=False, strict=True, examples=[5.1])]
 
 
 @with_config(
