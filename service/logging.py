@@ -37,6 +37,9 @@ _SECRET_PATTERN = re.compile(
 )
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 class Redactor:
     """Masks sensitive keys at any depth and secret-shaped strings anywhere, message included."""
 
@@ -52,11 +55,19 @@ class Redactor:
         return self._mapping(event_dict)
 
     def _mapping(self, mapping: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        # NOTE: this runs on every request line: plain strings and numbers are checked inline
+        # (a string only scanned when it could hold a secret), containers recursively.
         for key, value in mapping.items():
-            if isinstance(key, str) and key.lower() in self._keys and value is not None:
-                mapping[key] = MASK
-            else:
+            kind = type(value)
+            if kind is str:
+                if "tsk_" in value or "eyJ" in value:
+                    mapping[key] = _SECRET_PATTERN.sub(MASK, value)
+            elif kind not in _SCALARS:
                 mapping[key] = self._value(value)
+        sensitive = [k for k in mapping if isinstance(k, str) and k.lower() in self._keys]
+        for key in sensitive:
+            if mapping[key] is not None:
+                mapping[key] = MASK
         return mapping
 
     def _value(self, value: Any) -> Any:
