@@ -118,7 +118,7 @@ def test_the_server_cap_applies_when_smaller_than_the_tenants(
         refused = predict_batch(client, customer.headers, 3)
         served = predict_batch(client, customer.headers, 2)
     assert refused.status_code == 422
-    assert "1 to 2 items" in refused.json()["errors"][0]["msg"]
+    assert "at most 2 items" in refused.json()["errors"][0]["msg"]
     assert served.status_code == 200
     assert len(served.json()["predictions"]) == 2
 
