@@ -19,6 +19,9 @@ class Customer:
     """The limit that applies: the key's own, else its tenant's."""
     max_batch_size: int
     monthly_quota: int | None
+    pinned_model_version: str | None = None
+    """The version the tenant is pinned to; None follows the platform."""
+    allow_version_choice: bool = False
 
     @property
     def rate_limit_key(self) -> str:

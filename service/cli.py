@@ -60,7 +60,7 @@ def serve(_args: argparse.Namespace) -> None:
     engine = make_engine(settings.database_url)
     upgrade(engine)  # once, before any worker starts
     ensure_bootstrap_admin(engine, settings, settings.password_hasher())
-    version, _ = startup_version(engine, settings)
+    version = startup_version(engine, settings)
     engine.dispose()
     try:
         load_artifact(settings.model_dir, version)  # a refused model stops here, in one line

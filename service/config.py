@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     model_version: str | None = None
     """The version served at start when none was activated through the API; default the newest."""
 
+    model_max_loaded: int = Field(default=4, ge=2, le=64)
+    """Most model versions one worker keeps loaded (active, rollout, pins, the previous one)."""
+
     microbatch_enabled: bool = True
     """Gather concurrent predictions into one model call."""
 

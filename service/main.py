@@ -25,7 +25,7 @@ from service.api.exact_routes import ExactRoutes
 from service.api.key_cache import KeyCache
 from service.api.middleware import RequestMiddleware
 from service.api.problems import install_error_handlers
-from service.api.routes import admin, audit, health, predict, signin, usage
+from service.api.routes import admin, audit, health, inference_v2, predict, signin, usage
 from service.changes import watch_changes
 from service.config import Settings, get_settings
 from service.limits.rate_limiter import RateLimiter
@@ -62,7 +62,7 @@ def ensure_bootstrap_admin(engine: Engine, settings: Settings, passwords: Passwo
         pass  # another worker created it first
 
 
-def startup_version(engine: Engine, settings: Settings) -> tuple[str, int]:
+def startup_version(engine: Engine, settings: Settings) -> str:
     """The version to serve (activated through the API, else configured, else newest)."""
     with unit_of_work(engine) as session:
         control = read_control(session)
@@ -70,26 +70,25 @@ def startup_version(engine: Engine, settings: Settings) -> tuple[str, int]:
         if candidate:
             try:
                 read_manifest(settings.model_dir, candidate)
-                return candidate, control.auth_epoch
+                return candidate
             except ModelError:
                 log.error("model_version_missing", model_version=candidate)
-    return newest_version(settings.model_dir), control.auth_epoch
+    return newest_version(settings.model_dir)
 
 
-def _build_resources(settings: Settings) -> tuple[Resources, int]:
+def _build_resources(settings: Settings) -> Resources:
     engine = make_engine(settings.database_url)
     upgrade(engine)
     passwords = settings.password_hasher()
     ensure_bootstrap_admin(engine, settings, passwords)
-    version, epoch = startup_version(engine, settings)
-    models = ModelHolder.load(settings.model_dir, version)
+    version = startup_version(engine, settings)
+    models = ModelHolder.load(settings.model_dir, version, max_loaded=settings.model_max_loaded)
     resources = Resources(
         settings=settings,
         engine=engine,
         limiter=RateLimiter(settings.rate_limit_storage_uri, strict=settings.rate_limit_strict),
         models=models,
         batcher=MicroBatcher(
-            lambda: models.current,
             enabled=settings.microbatch_enabled,
             max_rows=settings.microbatch_max_rows,
             max_wait_us=settings.microbatch_max_wait_us,
@@ -104,7 +103,7 @@ def _build_resources(settings: Settings) -> tuple[Resources, int]:
         ),
         passwords=passwords,
     )
-    return resources, epoch
+    return resources
 
 
 async def _warm_previous_version(resources: Resources) -> None:
@@ -122,12 +121,10 @@ async def _warm_previous_version(resources: Resources) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    resources, epoch = await asyncio.to_thread(_build_resources, settings)
+    resources = await asyncio.to_thread(_build_resources, settings)
     app.state.resources = resources
     resources.usage.start()
-    watcher = asyncio.create_task(
-        watch_changes(resources, initial_epoch=epoch), name="change-watcher"
-    )
+    watcher = asyncio.create_task(watch_changes(resources), name="change-watcher")
     warmer = asyncio.create_task(_warm_previous_version(resources), name="model-warmer")
     _settle_garbage_collector()
     log.info("started", model_version=resources.models.current.version, env=settings.env)
@@ -189,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (
         health.router,
         predict_router,
+        inference_v2.router,
         usage.router,
         signin.build_router(settings, signin_limiter),
         admin.router,

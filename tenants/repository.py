@@ -91,7 +91,7 @@ def update_tenant(
 ) -> tuple[Tenant, dict[str, Any]]:
     tenant = get_tenant(session, tenant_id, scope=scope)
     changes = data.model_dump(exclude_unset=True)
-    for field in ("name", "rate_limit", "max_batch_size", "status"):
+    for field in ("name", "rate_limit", "max_batch_size", "status", "allow_version_choice"):
         if field in changes and changes[field] is None:
             raise ValidationFailed([{"loc": ["body", field], "msg": "may not be null"}])
     for field, value in changes.items():
@@ -184,6 +184,8 @@ class KeyRecord:
     tenant_active: bool
     max_batch_size: int
     monthly_quota: int | None
+    pinned_model_version: str | None
+    allow_version_choice: bool
 
 
 def load_key_record(session: Session, key_id: str) -> KeyRecord | None:
@@ -202,6 +204,8 @@ def load_key_record(session: Session, key_id: str) -> KeyRecord | None:
         tenant_active=tenant.status == "active",
         max_batch_size=tenant.max_batch_size,
         monthly_quota=tenant.monthly_quota,
+        pinned_model_version=tenant.model_version,
+        allow_version_choice=tenant.allow_version_choice,
     )
 
 
@@ -243,8 +247,24 @@ def read_control(session: Session) -> PlatformControl:
 
 
 def set_active_model(session: Session, version: str) -> None:
+    """Serve `version` to every unpinned tenant; a rollout in progress is over."""
     session.execute(
         update(PlatformControl)
         .where(col(PlatformControl.id) == 1)
-        .values(active_model_version=version)
+        .values(active_model_version=version, rollout_version=None, rollout_percent=0)
     )
+
+
+def set_rollout(session: Session, version: str, percent: int) -> None:
+    """Serve `version` to `percent` of the unpinned tenants (0 ends the rollout)."""
+    session.execute(
+        update(PlatformControl)
+        .where(col(PlatformControl.id) == 1)
+        .values(rollout_version=version if percent else None, rollout_percent=percent)
+    )
+
+
+def pinned_versions(session: Session) -> set[str]:
+    """Every version some tenant is pinned to: each worker keeps them loaded."""
+    query = select(Tenant.model_version).where(col(Tenant.model_version).is_not(None)).distinct()
+    return {version for version in session.exec(query) if version}

@@ -31,6 +31,7 @@ RateLimitText = Annotated[
     AfterValidator(_valid_limit),
     Field(examples=["600/minute"], description="`<count>/<second|minute|hour|day>`"),
 ]
+ModelVersionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 
@@ -51,6 +52,10 @@ class TenantUpdate(Strict):
     max_batch_size: int | None = Field(default=None, ge=1, le=100_000)
     monthly_quota: int | None = Field(default=None, ge=0)
     status: Literal["active", "suspended"] | None = None
+    model_version: ModelVersionName | None = Field(
+        default=None, description="pin a registered version; null follows the platform"
+    )
+    allow_version_choice: bool | None = None
 
 
 class TenantPublic(BaseModel):
@@ -60,6 +65,8 @@ class TenantPublic(BaseModel):
     rate_limit: str
     max_batch_size: int
     monthly_quota: int | None
+    model_version: str | None
+    allow_version_choice: bool
     created_at: datetime
 
 

@@ -28,6 +28,10 @@ class Tenant(SQLModel, table=True):
     rate_limit: str = Field(max_length=64)
     max_batch_size: int
     monthly_quota: int | None = None
+    model_version: str | None = Field(default=None, max_length=64)
+    """Pinned: this version serves the tenant. None: the platform's active version or rollout."""
+    allow_version_choice: bool = False
+    """May the tenant's requests name another registered version explicitly."""
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -100,3 +104,6 @@ class PlatformControl(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     auth_epoch: int = 0
     active_model_version: str | None = Field(default=None, max_length=64)
+    rollout_version: str | None = Field(default=None, max_length=64)
+    """A version being rolled out to a share of the unpinned tenants."""
+    rollout_percent: int = 0

@@ -43,12 +43,13 @@ def predict_concurrently(
     arrivals: Sequence[int] = (),
 ) -> list[Outcome]:
     """One request per part, all in flight at once; `arrivals[i]` loop turns before request i."""
-    batcher = MicroBatcher(current, enabled=enabled, max_rows=max_rows, max_wait_us=max_wait_us)
+    batcher = MicroBatcher(enabled=enabled, max_rows=max_rows, max_wait_us=max_wait_us)
 
     async def request(rows: np.ndarray, delay: int) -> tuple[LoadedModel, np.ndarray]:
         for _ in range(delay):
             await asyncio.sleep(0)
-        return await batcher.predict(rows)
+        model = current()
+        return model, await batcher.predict(model, rows)
 
     async def all_requests() -> list[Outcome]:
         delays = itertools.chain(arrivals, itertools.repeat(0))
@@ -171,10 +172,13 @@ def test_a_request_that_goes_away_does_not_disturb_the_others(
 ) -> None:
     model = models["v1-forest"]
     parts = rows_of([2] * 6, seed=5)
-    batcher = MicroBatcher(lambda: model, enabled=True, max_rows=2048, max_wait_us=0)
+    batcher = MicroBatcher(enabled=True, max_rows=2048, max_wait_us=0)
+
+    async def request(rows: np.ndarray) -> Outcome:
+        return model, await batcher.predict(model, rows)
 
     async def scenario() -> list[Outcome]:
-        tasks = [asyncio.create_task(batcher.predict(rows)) for rows in parts]
+        tasks = [asyncio.create_task(request(rows)) for rows in parts]
         await asyncio.sleep(0)  # every request is queued; the batch has not run yet
         tasks[2].cancel()
         return await asyncio.gather(*tasks, return_exceptions=True)
@@ -204,3 +208,17 @@ def test_the_reported_version_is_the_one_that_computed(
         assert_identical(outcome, model.predict_proba(rows), model)
         reported.add(model.version)
     assert reported == set(VERSIONS), "the switch should have happened between batches"
+
+
+def test_a_batch_never_mixes_versions(models: dict[str, LoadedModel]) -> None:
+    calls: dict[str, list[int]] = {"v1-forest": [], "v2-logreg": []}
+    counted = {version: counting(model, calls[version]) for version, model in models.items()}
+    parts = rows_of([1] * 40, seed=6)
+    served = itertools.cycle(["v1-forest", "v2-logreg", "v2-logreg"])
+    outcomes = predict_concurrently(lambda: counted[next(served)], parts, enabled=True)
+    for outcome, rows in zip(outcomes, parts, strict=True):
+        assert not isinstance(outcome, BaseException)
+        model, _ = outcome
+        assert_identical(outcome, models[model.version].predict_proba(rows), model)
+    assert sum(calls["v1-forest"]) == 14 and sum(calls["v2-logreg"]) == 26
+    assert len(calls["v1-forest"]) + len(calls["v2-logreg"]) <= 4, "each version batched"

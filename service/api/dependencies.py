@@ -151,7 +151,7 @@ async def predict_caller(request: Request) -> tuple[Resources, Customer]:
     return resources, await admit_customer(request, resources, api_key, _PREDICT_SCOPES)
 
 
-async def _usage_caller(
+async def _customer_caller(
     request: Request,
     security: SecurityScopes,
     resources: ResourcesDep,
@@ -160,7 +160,8 @@ async def _usage_caller(
     return await admit_customer(request, resources, api_key, security.scopes)
 
 
-UsageCaller = Annotated[Customer, Security(_usage_caller, scopes=["usage:read"])]
+UsageCaller = Annotated[Customer, Security(_customer_caller, scopes=["usage:read"])]
+PredictCaller = Annotated[Customer, Security(_customer_caller, scopes=["predict"])]
 
 
 # Staff

@@ -49,6 +49,8 @@ class KeyCache:
                 rate_limit=record.rate_limit,
                 max_batch_size=record.max_batch_size,
                 monthly_quota=record.monthly_quota,
+                pinned_model_version=record.pinned_model_version,
+                allow_version_choice=record.allow_version_choice,
             )
         if generation != self._generation:
             return customer

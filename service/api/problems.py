@@ -13,7 +13,7 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -64,6 +64,9 @@ class Problem(BaseModel):
     code: str
     request_id: str
     errors: list[FieldError] | None = None
+    error: str | None = Field(
+        default=None, description="On the Open Inference Protocol routes: what OIP clients show"
+    )
 
 
 def problem_body(
@@ -74,6 +77,7 @@ def problem_body(
     detail: str,
     request_id: str,
     errors: list[dict[str, Any]] | None = None,
+    oip_error: str | None = None,
 ) -> bytes:
     body: dict[str, Any] = {
         "type": f"https://tenantserve.dev/problems/{code.replace('_', '-')}",
@@ -85,10 +89,13 @@ def problem_body(
     }
     if errors is not None:
         body["errors"] = errors
+    if oip_error is not None:
+        body["error"] = oip_error
     return orjson.dumps(body)
 
 
-def problem_response(error: AppError, request_id: str) -> Response:
+def problem_response(error: AppError, request_id: str, *, oip: bool = False) -> Response:
+    """The error's problem+json; with `oip`, also the `error` member OIP clients read."""
     errors = error.errors if isinstance(error, ValidationFailed) else None
     return Response(
         problem_body(
@@ -98,6 +105,7 @@ def problem_response(error: AppError, request_id: str) -> Response:
             detail=error.detail,
             request_id=request_id,
             errors=errors,
+            oip_error=_oip_message(error) if oip else None,
         ),
         status_code=error.status_code,
         headers=error.headers,
@@ -105,18 +113,29 @@ def problem_response(error: AppError, request_id: str) -> Response:
     )
 
 
-def request_id_of(request: Request) -> str:
-    return context_of(request).request_id
+def _oip_message(error: AppError) -> str:
+    """One line that says what is wrong: OIP clients show only this member."""
+    if isinstance(error, ValidationFailed) and error.errors:
+        return "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors[:3]
+        )
+    return error.detail
+
+
+def _respond(request: Request, error: AppError) -> Response:
+    # The Open Inference Protocol's routes answer in problem+json with its `error` member too.
+    oip = request.url.path.startswith("/v2/")
+    return problem_response(error, context_of(request).request_id, oip=oip)
 
 
 async def _app_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
-    return problem_response(exc, request_id_of(request))
+    return _respond(request, exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return problem_response(ValidationFailed(exc.errors()), request_id_of(request))
+    return _respond(request, ValidationFailed(exc.errors()))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -131,15 +150,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         error.status_code, error.title = exc.status_code, HTTPStatus(exc.status_code).phrase
         error.code = error.title.lower().replace(" ", "_").replace("-", "_")
     error.headers.update(exc.headers or {})
-    return problem_response(error, request_id_of(request))
+    return _respond(request, error)
 
 
 async def _database_unreachable(request: Request, exc: Exception) -> Response:
     # A lost connection is an outage to report as 503, not a bug to report as 500.
     log.warning("database_unreachable", error=type(exc).__name__, path=request.url.path)
-    return problem_response(
-        NotReady("The database is unreachable; try again shortly."), request_id_of(request)
-    )
+    return _respond(request, NotReady("The database is unreachable; try again shortly."))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

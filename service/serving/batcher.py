@@ -3,14 +3,14 @@
 While the model thread computes one batch, new requests gather in `_pending`; the next call
 takes them all at once. At low load a request runs alone and at once (no timer to wait for);
 under load the per-call overhead — the bulk of a small model's cost — is paid once per batch.
-The model version is read once per batch, so every row of a batch reports the version that
-really computed it.
+Each request names the model version that must compute it (its tenant's); a batch takes the
+waiting requests of one version only, so a batch never mixes versions and every answer names
+the version that really computed it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -21,20 +21,19 @@ from service.serving.runtime import LoadedModel
 
 @dataclass(slots=True)
 class _Request:
+    model: LoadedModel
     rows: np.ndarray
-    future: asyncio.Future[tuple[LoadedModel, np.ndarray]] = field(repr=False)
+    future: asyncio.Future[np.ndarray] = field(repr=False)
 
 
 class MicroBatcher:
     def __init__(
         self,
-        current_model: Callable[[], LoadedModel],
         *,
         enabled: bool,
         max_rows: int,
         max_wait_us: int,
     ) -> None:
-        self._current_model = current_model
         self._enabled = enabled
         self._max_rows = max_rows
         self._max_wait = max_wait_us / 1_000_000
@@ -45,14 +44,12 @@ class MicroBatcher:
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
 
-    async def predict(self, rows: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
-        """Probabilities for `rows`, and the model version that computed them."""
+    async def predict(self, model: LoadedModel, rows: np.ndarray) -> np.ndarray:
+        """`model`'s probabilities for `rows`."""
         loop = asyncio.get_running_loop()
         if not self._enabled:
-            model = self._current_model()
-            proba = await loop.run_in_executor(self._executor, model.predict_proba, rows)
-            return model, proba
-        request = _Request(rows, loop.create_future())
+            return await loop.run_in_executor(self._executor, model.predict_proba, rows)
+        request = _Request(model, rows, loop.create_future())
         self._pending.append(request)
         self._pending_rows += len(rows)
         if not self._draining:
@@ -68,7 +65,7 @@ class MicroBatcher:
                 if self._max_wait and self._pending_rows < self._max_rows:
                     await asyncio.sleep(self._max_wait)
                 batch = self._take_batch()
-                model = self._current_model()
+                model = batch[0].model
                 try:
                     proba = await loop.run_in_executor(
                         self._executor, _predict_many, model, [r.rows for r in batch]
@@ -78,18 +75,24 @@ class MicroBatcher:
                     continue
                 for request, result in zip(batch, proba, strict=True):
                     if not request.future.done():  # the client may have gone away
-                        request.future.set_result((model, result))
+                        request.future.set_result(result)
         finally:
             self._draining = False
 
     def _take_batch(self) -> list[_Request]:
-        taken, rows = 0, 0
+        """The oldest request and, in order, the others of its version while they fit."""
+        version = self._pending[0].model.version
+        batch: list[_Request] = []
+        waiting: list[_Request] = []
+        rows = 0
         for request in self._pending:
-            if taken and rows + len(request.rows) > self._max_rows:
-                break
-            taken += 1
-            rows += len(request.rows)
-        batch, self._pending = self._pending[:taken], self._pending[taken:]
+            fits = not batch or rows + len(request.rows) <= self._max_rows
+            if request.model.version == version and fits:
+                batch.append(request)
+                rows += len(request.rows)
+            else:
+                waiting.append(request)
+        self._pending = waiting
         self._pending_rows -= rows
         return batch
 
@@ -112,7 +115,7 @@ class MicroBatcher:
                     request.future.set_exception(exc)
             else:
                 if not request.future.done():
-                    request.future.set_result((model, proba))
+                    request.future.set_result(proba)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -1,4 +1,11 @@
-"""The model versions a worker holds, and which one serves."""
+"""The model versions a worker holds, and which one serves whom.
+
+Every request asks for its tenant's version (its pin, else the platform's rollout share, else
+the active version). Versions are loaded once per worker and kept, up to
+`TENANTSERVE_MODEL_MAX_LOADED`, least recently used first out — never one that serves the
+platform. A version that cannot be loaded is remembered and reported on `/ready`; its tenants
+get 503 `not_ready`, never another version.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +15,102 @@ from pathlib import Path
 
 import structlog
 
+from auth.principals import Customer
 from service import metrics
 from service.serving.registry import ModelError
 from service.serving.runtime import LoadedModel, load_model
+from tenants.errors import NotReady
+from tenants.rollout import PlatformVersions, version_for
 
 log = structlog.get_logger("tenantserve.models")
 
-_KEEP_LOADED = 2  # the active version and the one before: switching back is instant
-
 
 class ModelHolder:
-    def __init__(self, model_dir: Path, initial: LoadedModel) -> None:
+    def __init__(self, model_dir: Path, initial: LoadedModel, *, max_loaded: int) -> None:
         self._model_dir = model_dir
+        self._max_loaded = max(2, max_loaded)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict({initial.version: initial})
-        self.current = initial
+        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self.platform = PlatformVersions(active=initial.version)
+        self.refused: dict[str, str] = {}
+        """Versions that failed to load, with why: shown on `/ready`."""
         metrics.model_served(initial.manifest.version, initial.manifest.algorithm)
 
     @classmethod
-    def load(cls, model_dir: Path, version: str) -> ModelHolder:
+    def load(cls, model_dir: Path, version: str, *, max_loaded: int) -> ModelHolder:
         try:
-            return cls(model_dir, load_model(model_dir, version))
+            return cls(model_dir, load_model(model_dir, version), max_loaded=max_loaded)
         except ModelError as exc:
             # One plain line before uvicorn's traceback: why this worker will not start.
             log.error("model_refused", model_version=version, error=str(exc))
             raise
 
-    async def preload(self, version: str) -> LoadedModel:
-        """Load `version` off the event loop (if not yet), without serving it."""
+    @property
+    def current(self) -> LoadedModel:
+        """The platform's active version (always loaded)."""
+        return self._loaded[self.platform.active]
+
+    def version_for(self, customer: Customer) -> str:
+        return version_for(customer.tenant_id, customer.pinned_model_version, self.platform)
+
+    async def for_customer(self, customer: Customer, version: str | None = None) -> LoadedModel:
+        """The loaded model of `version` (default: the customer's own); 503 if it cannot load."""
+        version = version or self.version_for(customer)
         model = self._loaded.get(version)
-        if model is None:
-            model = await asyncio.to_thread(load_model, self._model_dir, version)
+        if model is not None:
+            return model
+        try:
+            return await self.preload(version)
+        except (ModelError, OSError):
+            raise NotReady(
+                f"Model version {version!r} is not available; try again later."
+            ) from None
+
+    async def preload(self, version: str) -> LoadedModel:
+        """Load `version` off the event loop (once, however many ask at the same time)."""
+        model = self._loaded.get(version)
+        if model is not None:
+            self._loaded.move_to_end(version)
+            return model
+        pending = self._loading.get(version)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[version] = pending
+            try:
+                model = await asyncio.to_thread(load_model, self._model_dir, version)
+            except (ModelError, OSError) as exc:
+                self.refused[version] = str(exc)
+                log.error("model_refused", model_version=version, error=str(exc))
+                pending.set_exception(exc)
+                pending.exception()  # retrieved: nobody else may be waiting
+                raise
+            finally:
+                del self._loading[version]
+            self.refused.pop(version, None)
             self._loaded[version] = model
-            for older in list(self._loaded)[:-1]:  # oldest first; never what serves now
-                if len(self._loaded) > _KEEP_LOADED and older != self.current.version:
-                    del self._loaded[older]
-        return model
+            self._evict()
+            pending.set_result(model)
+            return model
+        return await asyncio.shield(pending)
+
+    def _evict(self) -> None:
+        keep = {self.platform.active, self.platform.rollout_version}
+        for version in list(self._loaded):  # least recently used first
+            if len(self._loaded) <= self._max_loaded:
+                return
+            if version not in keep:
+                del self._loaded[version]
 
     async def activate(self, version: str) -> LoadedModel:
-        """Load `version` if needed, then swap it in (one assignment: no request sees half)."""
-        model = await self.preload(version)
-        self._loaded.move_to_end(version)
-        self.current = model
-        metrics.model_served(model.manifest.version, model.manifest.algorithm)
+        """Load `version` if needed, then serve it to unpinned tenants (one assignment)."""
+        return await self.set_platform(PlatformVersions(active=version))
+
+    async def set_platform(self, platform: PlatformVersions) -> LoadedModel:
+        """Serve `platform`: its versions are loaded first, so no request waits or sees half."""
+        model = await self.preload(platform.active)
+        if platform.rollout_version is not None:
+            await self.preload(platform.rollout_version)
+        if platform != self.platform:
+            self.platform = platform
+            metrics.model_served(model.manifest.version, model.manifest.algorithm)
         return model

@@ -9,7 +9,12 @@ from service.api.problems import error_responses
 from service.api.staff import audit_change, require_platform_staff
 from service.resources import Resources
 from service.serving.registry import ModelError, list_versions, read_manifest
-from service.serving.schemas import ModelsPublic, ModelVersionPublic
+from service.serving.schemas import (
+    ModelsPublic,
+    ModelVersionPublic,
+    RolloutPublic,
+    RolloutRequest,
+)
 from tenants import repository
 from tenants.errors import (
     Conflict,
@@ -19,6 +24,7 @@ from tenants.errors import (
     NotFound,
     ValidationFailed,
 )
+from tenants.rollout import PlatformVersions
 
 router = APIRouter(
     prefix="/v1/admin/models",
@@ -28,8 +34,15 @@ router = APIRouter(
 
 
 def _models_public(resources: Resources) -> ModelsPublic:
+    platform = resources.models.platform
+    rollout = (
+        RolloutPublic(version=platform.rollout_version, percent=platform.rollout_percent)
+        if platform.rollout_version is not None
+        else None
+    )
     return ModelsPublic(
-        active=resources.models.current.version,
+        active=platform.active,
+        rollout=rollout,
         versions=[
             ModelVersionPublic.model_validate(m.public())
             for m in list_versions(resources.settings.model_dir)
@@ -55,15 +68,50 @@ async def activate_model(
     session: DbSession,
 ) -> ModelsPublic:
     require_platform_staff(staff)
+    await _load(resources, version)
+    await resources.models.activate(version)
+    repository.set_active_model(session, version)
+    audit_change(session, request, staff, "model.activate", version, None)
+    return _models_public(resources)
+
+
+@router.post(
+    "/{version}/rollout",
+    response_model=ModelsPublic,
+    responses=error_responses(Conflict, ValidationFailed),
+)
+async def roll_out_model(
+    request: Request,
+    version: str,
+    data: RolloutRequest,
+    staff: AdminCaller,
+    resources: ResourcesDep,
+    session: DbSession,
+) -> ModelsPublic:
+    """Serve `version` to a stable share of the unpinned tenants (by a hash of the tenant id)."""
+    require_platform_staff(staff)
+    await _load(resources, version)
+    if data.percent == 100:
+        await resources.models.activate(version)
+        repository.set_active_model(session, version)
+    else:
+        platform = resources.models.platform
+        await resources.models.set_platform(
+            PlatformVersions(platform.active, version if data.percent else None, data.percent)
+        )
+        repository.set_rollout(session, version, data.percent)
+    details = {"percent": data.percent}
+    audit_change(session, request, staff, "model.rollout", version, None, details)
+    return _models_public(resources)
+
+
+async def _load(resources: Resources, version: str) -> None:
+    """404 for an unknown version; 409 for one that fails its checks: refused, not half-served."""
     try:
         read_manifest(resources.settings.model_dir, version)
     except ModelError:
         raise NotFound(f"No model version {version!r}.") from None
     try:
-        # Load here first: a version that fails its checksum is refused, not half-activated.
-        await resources.models.activate(version)
+        await resources.models.preload(version)
     except ModelError as exc:
         raise Conflict(str(exc)) from None
-    repository.set_active_model(session, version)
-    audit_change(session, request, staff, "model.activate", version, None)
-    return _models_public(resources)

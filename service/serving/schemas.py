@@ -111,6 +111,19 @@ class ModelVersionPublic(BaseModel):
     created_at: datetime
 
 
+class RolloutPublic(BaseModel):
+    version: str
+    percent: int = Field(ge=1, le=99)
+
+
 class ModelsPublic(BaseModel):
     active: str
+    rollout: RolloutPublic | None = Field(
+        description="a version serving a stable share of the unpinned tenants"
+    )
     versions: list[ModelVersionPublic]
+
+
+class RolloutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    percent: int = Field(ge=0, le=100, description="0 ends the rollout; 100 activates")

@@ -14,6 +14,7 @@ from auth.principals import Scope
 from service.api.dependencies import AdminCaller, DbSession, ResourcesDep
 from service.api.problems import error_responses
 from service.api.staff import audit_change, require_platform_staff
+from service.serving.registry import ModelError, read_manifest
 from tenants import repository
 from tenants.errors import (
     Conflict,
@@ -42,6 +43,12 @@ router = APIRouter(
     responses=error_responses(MissingCredentials, InvalidCredentials, Forbidden, NotFound),
 )
 _WRITE_ERRORS = error_responses(Conflict, ValidationFailed)
+
+
+_PLATFORM_FIELDS = {
+    "status", "rate_limit", "max_batch_size", "monthly_quota", "model_version",
+    "allow_version_choice",
+}  # fmt: skip
 
 
 def _tenant_public(tenant: Tenant) -> TenantPublic:
@@ -86,13 +93,26 @@ def get_tenant(tenant_id: str, staff: AdminCaller, session: DbSession) -> Tenant
 
 @router.patch("/tenants/{tenant_id}", response_model=TenantPublic, responses=_WRITE_ERRORS)
 def update_tenant(
-    request: Request, tenant_id: str, data: TenantUpdate, staff: AdminCaller, session: DbSession
+    request: Request,
+    tenant_id: str,
+    data: TenantUpdate,
+    staff: AdminCaller,
+    session: DbSession,
+    resources: ResourcesDep,
 ) -> TenantPublic:
     repository.get_tenant(session, tenant_id, scope=staff.tenant_id)  # another tenant's: 404
-    commercial = data.model_fields_set & {"status", "rate_limit", "max_batch_size", "monthly_quota"}
-    if staff.tenant_id is not None and commercial:
-        # A tenant's own admin must not lift a suspension or raise its own limits and quota.
-        raise Forbidden(f"Only platform admins may change {', '.join(sorted(commercial))}.")
+    platform_only = data.model_fields_set & _PLATFORM_FIELDS
+    if staff.tenant_id is not None and platform_only:
+        # A tenant's own admin must not lift a suspension, raise its own limits and quota, or
+        # choose what serves it.
+        raise Forbidden(f"Only platform admins may change {', '.join(sorted(platform_only))}.")
+    if data.model_version is not None:
+        try:
+            read_manifest(resources.settings.model_dir, data.model_version)
+        except ModelError:
+            raise ValidationFailed(
+                [{"loc": ["body", "model_version"], "msg": "no such registered model version"}]
+            ) from None
     tenant, changes = repository.update_tenant(session, tenant_id, data, scope=staff.tenant_id)
     public = _tenant_public(tenant)
     action = {"suspended": "tenant.suspend", "active": "tenant.activate"}.get(

@@ -43,6 +43,16 @@ async def health() -> Health:
     responses={503: {"model": Readiness, "description": "A dependency is down"}},
 )
 async def ready(resources: ResourcesDep) -> Response:
+    body = await readiness(resources)
+    return Response(
+        body.model_dump_json(),
+        status_code=200 if body.status == "ready" else 503,
+        media_type="application/json",
+    )
+
+
+async def readiness(resources: Resources) -> Readiness:
+    """What `/ready` (and the Open Inference Protocol's ready route) report."""
     try:
         database = await asyncio.wait_for(asyncio.to_thread(_database_ok, resources), timeout=3)
     except Exception:
@@ -54,14 +64,11 @@ async def ready(resources: ResourcesDep) -> Response:
         # Down shared storage degrades limits to per-process ones; serving goes on.
         "rate_limit_storage": resources.limiter.status if limiter_ok else "degraded",
     }
+    # A version some tenant needs that this worker could not load: its tenants get 503.
+    checks.update({f"model {v}": "refused" for v in resources.models.refused})
     strict_down = resources.settings.rate_limit_strict and not limiter_ok
     status = "ready" if database and not strict_down else "not_ready"
-    body = Readiness(status=status, checks=checks)
-    return Response(
-        body.model_dump_json(),
-        status_code=200 if status == "ready" else 503,
-        media_type="application/json",
-    )
+    return Readiness(status=status, checks=checks)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

@@ -11,11 +11,10 @@ from pydantic import BaseModel, TypeAdapter
 
 from auth.principals import Customer
 from service import metrics
-from service.api.context import context_of
 from service.api.dependencies import API_KEY_SECURITY, predict_caller
+from service.api.prediction import predict_rows
 from service.api.problems import error_responses
 from service.config import Settings
-from service.limits.quota import reserve_quota
 from service.resources import Resources
 from service.serving.answers import batch_answer, single_answer
 from service.serving.bodies import batch_rows, single_rows
@@ -26,7 +25,6 @@ from service.serving.schemas import (
     batch_request_model,
     inline_json_schema,
 )
-from service.telemetry import annotate_span
 from tenants.errors import (
     Forbidden,
     InvalidCredentials,
@@ -62,19 +60,7 @@ def _openapi(body: type[BaseModel] | TypeAdapter[Any]) -> dict[str, Any]:
 async def _predict(
     request: Request, resources: Resources, customer: Customer, rows: np.ndarray
 ) -> tuple[str, np.ndarray]:
-    context = context_of(request)
-    if resources.settings.log_features:
-        context.features = rows.tolist()
-    reservation = await reserve_quota(resources, customer, len(rows))
-    try:
-        model, proba = await resources.batcher.predict(rows)
-    except BaseException:
-        await reservation.release()
-        raise
-    context.items = len(rows)
-    context.model_version = model.version
-    metrics.PREDICTIONS.labels(model.version).inc(len(rows))
-    annotate_span(customer, model.version)
+    model, proba = await predict_rows(request, resources, customer, rows)
     return model.version, proba
 
 
