@@ -49,7 +49,9 @@ async def _load_pins(resources: Resources) -> None:
 
 async def watch_changes(resources: Resources) -> None:
     epoch: int | None = None  # the first look applies everything
-    refused: PlatformVersions | None = None  # said once, not 4x/s
+    # What the row said last time: only a change of the row is applied. (Comparing with what
+    # this worker serves would undo its own activation when a read lands before that commit.)
+    seen: tuple[str | None, str | None, int] | None = None
     interval = resources.settings.state_poll_interval_ms / 1000
     models = resources.models
     while True:
@@ -70,13 +72,14 @@ async def watch_changes(resources: Resources) -> None:
         if not resources.database_ok:
             log.warning("database_reachable_again")
             resources.database_ok = True
+        if (active, rollout, percent) == seen:
+            continue
+        seen = (active, rollout, percent)
         platform = PlatformVersions(active or models.platform.active, rollout, percent)
-        if platform not in (models.platform, refused):
-            try:
-                await models.set_platform(platform)
-                log.info("model_versions_changed", model_version=platform.active,
-                         rollout_version=rollout, rollout_percent=percent)  # fmt: skip
-            except (ModelError, OSError) as exc:
-                refused = platform
-                log.error("model_activation_failed", model_version=platform.active,
-                          rollout_version=rollout, error=str(exc))  # fmt: skip
+        try:
+            await models.set_platform(platform)  # a failed version is said once, not 4x/s
+            log.info("model_versions_changed", model_version=platform.active,
+                     rollout_version=rollout, rollout_percent=percent)  # fmt: skip
+        except (ModelError, OSError) as exc:
+            log.error("model_activation_failed", model_version=platform.active,
+                      rollout_version=rollout, error=str(exc))  # fmt: skip

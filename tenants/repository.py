@@ -184,8 +184,8 @@ class KeyRecord:
     tenant_active: bool
     max_batch_size: int
     monthly_quota: int | None
-    pinned_model_version: str | None
-    allow_version_choice: bool
+    pinned_model_version: str | None = None
+    allow_version_choice: bool = False
 
 
 def load_key_record(session: Session, key_id: str) -> KeyRecord | None:

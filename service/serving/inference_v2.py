@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.serving.registry import CLASSES, FEATURES
 from service.serving.schemas import Centimetres
@@ -108,6 +108,20 @@ def model_metadata(versions: list[str]) -> ModelMetadata:
         ],
         parameters={"features": list(FEATURES), "classes": list(CLASSES)},
     )
+
+
+def parse_request(body: bytes, *, binary: bool) -> InferenceRequest:
+    """The request, validated by its pydantic model; 422 with every problem otherwise."""
+    if binary:
+        raise ValidationFailed(
+            [{"loc": ["body"], "msg": "the binary tensor extension is not supported; send JSON"}]
+        )
+    try:
+        return InferenceRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+        ) from None
 
 
 def input_rows(request: InferenceRequest, *, cap: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from service.serving.inference_v2 import (
     inference_answer,
     input_rows,
     model_metadata,
+    parse_request,
 )
 from service.serving.registry import ModelError, list_versions, read_manifest
 from tenants.errors import (
@@ -135,15 +136,25 @@ async def _infer(
     customer: Customer,
     model_name: str,
     version: str | None,
-    body: InferenceRequest,
 ) -> Response:
     chosen = _chosen_version(resources, customer, model_name, version)
+    body = parse_request(await request.body(), binary=_BINARY_HEADER in request.headers)
     cap = min(customer.max_batch_size, resources.settings.max_batch_size)
     rows = input_rows(body, cap=cap)
     model, proba = await predict_rows(request, resources, customer, rows, version=chosen)
     return _json(inference_answer(body, model.version, proba))
 
 
+# Clients send the body with any content type, or none: it is read as JSON whatever it says.
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": InferenceRequest.model_json_schema(
+            ref_template="#/components/schemas/{model}"
+        )}},
+    }
+}  # fmt: skip
+_BINARY_HEADER = "inference-header-content-length"
 _READY: dict[int | str, dict[str, Any]] = {
     503: {"model": ModelReady, "description": "The version cannot serve now"}
 }
@@ -188,29 +199,28 @@ async def model_ready_version(
 
 
 @router.post(
-    "/models/{model_name}/infer", response_model=InferenceResponse, responses=_INFER_ERRORS
+    "/models/{model_name}/infer",
+    response_model=InferenceResponse,
+    responses=_INFER_ERRORS,
+    openapi_extra=_INFER_BODY,
 )
 async def infer_default(
-    request: Request,
-    model_name: str,
-    body: InferenceRequest,
-    customer: PredictCaller,
-    resources: ResourcesDep,
+    request: Request, model_name: str, customer: PredictCaller, resources: ResourcesDep
 ) -> Response:
-    return await _infer(request, resources, customer, model_name, None, body)
+    return await _infer(request, resources, customer, model_name, None)
 
 
 @router.post(
     "/models/{model_name}/versions/{version}/infer",
     response_model=InferenceResponse,
     responses=_INFER_ERRORS,
+    openapi_extra=_INFER_BODY,
 )
 async def infer_version(
     request: Request,
     model_name: str,
     version: str,
-    body: InferenceRequest,
     customer: PredictCaller,
     resources: ResourcesDep,
 ) -> Response:
-    return await _infer(request, resources, customer, model_name, version, body)
+    return await _infer(request, resources, customer, model_name, version)
