@@ -25,6 +25,7 @@ from tests.conftest import (
     bearer,
     live_server,
     new_customer,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -212,12 +213,8 @@ def test_a_version_is_chosen_only_when_the_tenant_may(
     assert allowed.status_code == 200, allowed.text
 
     def chosen() -> str:
-        result = client.infer(
-            "iris", [tensor(IRIS)], model_version=other, headers=customer.headers
-        )
+        result = client.infer("iris", [tensor(IRIS)], model_version=other, headers=customer.headers)
         return str(result.get_response()["model_version"])
-
-    from tests.conftest import wait_for
 
     wait_for(lambda: _quietly(chosen) == other, within=1.0)
     metadata = client.get_model_metadata("iris", headers=customer.headers)

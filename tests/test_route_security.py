@@ -25,6 +25,9 @@ PUBLIC = frozenset(
         "/openapi.json",
         "/docs/oauth2-redirect",
         "/v1/auth/token",
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
     }
 )
 # Where the tests' failing route lives (tests/failing_server.py); never in the product.

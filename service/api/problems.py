@@ -162,7 +162,7 @@ async def _database_unreachable(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # Starlette's ServerErrorMiddleware sends this, then re-raises for the request middleware
     # to log: nothing of the exception reaches the client.
-    return problem_response(AppError(), request_id_of(request))
+    return _respond(request, AppError())
 
 
 def install_error_handlers(app: FastAPI) -> None:
