@@ -141,6 +141,7 @@ def admin_route_calls(tenant_id: str, key_id: str) -> dict[tuple[str, str], dict
         },
         ("GET", "/v1/admin/models"): None,
         ("POST", "/v1/admin/models/v1-forest/activate"): None,
+        ("POST", "/v1/admin/models/v1-forest/rollout"): {"percent": 50},
     }
 
 
