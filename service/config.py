@@ -94,8 +94,16 @@ class Settings(BaseSettings):
     usage_queue_max: int = Field(default=100_000, ge=10)
     """Queued usage records beyond which customer requests get 503 instead of going unrecorded."""
 
-    usage_spill_dir: Path = Path("./usage-spill")
-    """Where records the database refused at shutdown wait for the next start."""
+    usage_durability: Literal["journal", "write-behind"] = "journal"
+    """`journal`: no answer leaves before its usage record is fsync'd to the worker's journal;
+    `write-behind`: records wait in memory only (a crash loses up to a flush interval's)."""
+
+    usage_journal_dir: Path = Path("./usage-journal")
+    """Where each worker journals its usage records until the database has them; the next
+    start replays what a crash (or a shutdown the database would not wait for) left here."""
+
+    idempotency_ttl_s: int = Field(default=86_400, ge=1, le=7 * 86_400)
+    """How long an answer to a request with an `Idempotency-Key` is kept for its retries."""
 
     state_poll_interval_ms: int = Field(default=250, ge=50, le=1000)
     """How often each worker checks for revocations, limit changes and model switches."""

@@ -22,12 +22,14 @@ from starlette.types import ASGIApp
 
 from auth.passwords import PasswordHasher
 from service.api.exact_routes import ExactRoutes
+from service.api.idempotency import install_replay_handler
 from service.api.key_cache import KeyCache
 from service.api.middleware import RequestMiddleware
 from service.api.problems import install_error_handlers
 from service.api.routes import admin, audit, health, inference_v2, predict, signin, usage
 from service.changes import watch_changes
 from service.config import Settings, get_settings
+from service.idempotency_store import make_store
 from service.limits.rate_limiter import RateLimiter
 from service.logging import configure_logging
 from service.resources import Resources
@@ -99,9 +101,13 @@ def _build_resources(settings: Settings) -> Resources:
             interval_s=settings.usage_flush_interval_ms / 1000,
             max_rows=settings.usage_flush_max_rows,
             max_queue=settings.usage_queue_max,
-            spill_dir=settings.usage_spill_dir,
+            journal_dir=settings.usage_journal_dir,
+            durability=settings.usage_durability,
         ),
         passwords=passwords,
+        idempotency=make_store(
+            settings.rate_limit_storage_uri, engine, ttl_s=settings.idempotency_ttl_s
+        ),
     )
     return resources
 
@@ -138,6 +144,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await resources.usage.close()
         resources.batcher.close()
         await resources.limiter.close()
+        await resources.idempotency.close()
         resources.engine.dispose()
         log.info("stopped")
 
@@ -180,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_replay_handler(app)
     signin_limiter = signin.address_limiter(settings)
     app.add_exception_handler(RateLimitExceeded, signin.address_throttled(signin_limiter))
     predict_router = predict.build_router(settings)

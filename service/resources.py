@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from auth.passwords import PasswordHasher
 from service.api.key_cache import KeyCache
 from service.config import Settings
+from service.idempotency_store import IdempotencyStore
 from service.limits.rate_limiter import RateLimiter
 from service.serving.batcher import MicroBatcher
 from service.serving.models import ModelHolder
@@ -26,6 +27,7 @@ class Resources:
     keys: KeyCache
     usage: UsageRecorder
     passwords: PasswordHasher
+    idempotency: IdempotencyStore
     database_ok: bool = True
     """As last seen by the change watcher: False while the database is unreachable."""
 

@@ -49,6 +49,10 @@ class Conflict(AppError):
     status_code, code, title = 409, "conflict", "Conflict"
 
 
+class IdempotencyConflict(AppError):
+    status_code, code, title = 409, "idempotency_conflict", "Idempotent request in flight"
+
+
 class PayloadTooLarge(AppError):
     status_code, code, title = 413, "payload_too_large", "Payload too large"
 
@@ -59,6 +63,10 @@ class ValidationFailed(AppError):
     def __init__(self, errors: Sequence[Mapping[str, Any]], detail: str | None = None):
         self.errors = [{"loc": list(e["loc"]), "msg": str(e["msg"])} for e in errors]
         super().__init__(detail or "The request is not valid; see `errors`.")
+
+
+class IdempotencyMismatch(AppError):
+    status_code, code, title = 422, "idempotency_mismatch", "Idempotency key reused"
 
 
 class RateLimited(AppError):

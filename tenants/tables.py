@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index
+from sqlalchemy import JSON, Column, Index, LargeBinary, false
 from sqlmodel import Field, SQLModel
 
 from tenants.ids import new_id
@@ -94,6 +94,23 @@ class UsageRecord(SQLModel, table=True):
     items: int
     latency_ms: float
     model_version: str | None = Field(default=None, max_length=64)
+    replay: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """A request sent with an `Idempotency-Key`: in flight (no status yet), or its answer."""
+
+    __tablename__ = "idempotency_keys"
+
+    scope: str = Field(primary_key=True, max_length=64)
+    """Whose key it is: `key:<api key id>` or `user:<staff user id>`."""
+    key: str = Field(primary_key=True, max_length=255)
+    fingerprint: str = Field(max_length=64)
+    """sha256 of method, path and body: a retry must match it."""
+    status_code: int | None = None
+    content_type: str | None = Field(default=None, max_length=100)
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    expires_at: datetime = Field(index=True)
 
 
 class PlatformControl(SQLModel, table=True):

@@ -120,7 +120,7 @@ def make_settings(database_url: str, model_dir: Path, tmp_path: Path) -> Callabl
             "bootstrap_admin_username": ADMIN_USERNAME,
             "bootstrap_admin_password": ADMIN_PASSWORD,
             "usage_flush_interval_ms": 50,
-            "usage_spill_dir": tmp_path / "spill",
+            "usage_journal_dir": tmp_path / "journal",
             "state_poll_interval_ms": 100,
             "signin_rate_limit": "1000/minute",
             "signin_address_rate_limit": "10000/minute",

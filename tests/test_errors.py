@@ -74,7 +74,7 @@ def test_a_real_server_refuses_oversized_bodies(model_dir: Path, tmp_path: Path)
     env = {
         "TENANTSERVE_DATABASE_URL": f"sqlite:///{tmp_path / 'tenantserve.db'}",
         "TENANTSERVE_MODEL_DIR": str(model_dir),
-        "TENANTSERVE_USAGE_SPILL_DIR": str(tmp_path / "spill"),
+        "TENANTSERVE_USAGE_JOURNAL_DIR": str(tmp_path / "journal"),
         "TENANTSERVE_MAX_BODY_BYTES": str(LIMIT),
     }
     with live_server(env, tmp_path / "server.log") as server, server.client() as client:

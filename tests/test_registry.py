@@ -169,7 +169,7 @@ def test_the_server_will_not_start_on_a_tampered_artifact(
         "TENANTSERVE_MODEL_DIR": str(tampered_registry),
         "TENANTSERVE_MODEL_VERSION": TAMPERED,
         "TENANTSERVE_DATABASE_URL": f"sqlite:///{tmp_path / 'tenantserve.db'}",
-        "TENANTSERVE_USAGE_SPILL_DIR": str(tmp_path / "spill"),
+        "TENANTSERVE_USAGE_JOURNAL_DIR": str(tmp_path / "journal"),
         "TENANTSERVE_HOST": "127.0.0.1",
         "TENANTSERVE_PORT": str(free_port()),
     }

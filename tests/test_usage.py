@@ -385,8 +385,8 @@ def assert_recorded_once(records: list[Record], result: LoadResult) -> None:
 def test_sigterm_under_load_loses_no_record(
     database_url: str, make_settings: Callable[..., Settings], model_dir: Path, tmp_path: Path
 ) -> None:
-    spill = tmp_path / "spill"
-    env = server_env(database_url, model_dir, usage_spill_dir=str(spill))
+    journal = tmp_path / "journal"
+    env = server_env(database_url, model_dir, usage_journal_dir=str(journal))
     with live_server(env, tmp_path / "server.log", workers=2) as server:
         with server.client() as client:
             customer = new_customer(client, rate_limit="100000/minute")
@@ -399,8 +399,8 @@ def test_sigterm_under_load_loses_no_record(
         # Exited of itself (uvicorn re-raises the SIGTERM it handled), each worker shut down.
         assert server.stop() in (0, -signal.SIGTERM)
         assert server.output().count('"event":"stopped"') == 2
-    # Started again on the same database and spill directory (in-process: a quicker start).
-    with app_client(make_settings, usage_spill_dir=spill) as client:
+    # Started again on the same database and journal (in-process: a quicker start).
+    with app_client(make_settings, usage_journal_dir=journal) as client:
         records = all_records(client, admin_token(client), tenant_id=customer.tenant["id"])
     assert_recorded_once(records, result)
 

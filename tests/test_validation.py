@@ -86,7 +86,7 @@ def api(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
             env="development",
             database_url=f"sqlite:///{directory / 'tenantserve.db'}",
             model_dir=model_dir,
-            usage_spill_dir=directory / "spill",
+            usage_journal_dir=directory / "journal",
             bootstrap_admin_username=ADMIN_USERNAME,
             bootstrap_admin_password=ADMIN_PASSWORD,
         )

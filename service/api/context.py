@@ -1,17 +1,18 @@
 """The one typed object a request carries from the middleware to the route and back.
 
 The middleware creates it; authentication, the limiter and the route fill it in; when the
-response is sent the middleware reads it to build the usage record and the log line. Nothing
-else travels in `request.state`.
+response starts the middleware reads it to build the usage record, and after it the log
+line. Nothing else travels in `request.state`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from starlette.requests import HTTPConnection
-from starlette.types import Scope
+from starlette.types import Message, Scope, Send
 
 from auth.principals import Customer
 from service.limits.rate_limiter import WindowState
@@ -19,6 +20,14 @@ from tenants.ids import fast_id
 from tenants.usage.records import UsageEntry
 
 _SCOPE_KEY = "tenantserve.context"
+
+
+class AnswerRelay(Protocol):
+    """Sees the answer on its way out (an `Idempotency-Key` claim keeps it for retries)."""
+
+    async def relay(self, message: Message, send: Send) -> None: ...
+
+    async def abandon(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -33,6 +42,9 @@ class RequestContext:
     model_version: str | None = None
     features: list[list[float]] | None = None
     """Only kept when `TENANTSERVE_LOG_FEATURES` is on."""
+    replay: bool = False
+    """The answer is an earlier one, repeated for a retried `Idempotency-Key`."""
+    idempotency: AnswerRelay | None = None
 
     def attach(self, scope: Scope) -> None:
         scope[_SCOPE_KEY] = self
@@ -55,6 +67,7 @@ class RequestContext:
             items=self.items,
             latency_ms=latency_ms,
             model_version=self.model_version,
+            replay=self.replay,
         )
 
 

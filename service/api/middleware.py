@@ -1,7 +1,8 @@
 """The one middleware every request passes, written as plain ASGI (no BaseHTTPMiddleware).
 
 In order: a request id (the caller's if well-formed), the response headers of the contract,
-a last-resort 500 in problem+json, then — once the response is sent — the usage record, the
+a last-resort 500 in problem+json; when the response starts, the usage record — the start is
+held until the record is durable (see `tenants.usage.recorder`) — and once it is sent, the
 metrics and the one log line. It runs outermost (see `service.main.TenantServe`): the body
 limit is FastAPI's own (`max_body_size`), whose plain-text 413 is turned into problem+json here.
 """
@@ -22,8 +23,9 @@ from service.api.problems import PROBLEM_CONTENT_TYPE, problem_body
 from service.config import Settings
 from service.logging import anonymise_ip
 from service.resources import Resources
-from tenants.errors import PayloadTooLarge
+from tenants.errors import AppError, Overloaded, PayloadTooLarge
 from tenants.ids import fast_id
+from tenants.usage.records import UsageEntry
 
 log = structlog.get_logger("tenantserve.request")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -37,6 +39,12 @@ def _problem_headers(body: bytes, *, close: bool) -> list[tuple[bytes, bytes]]:
         (b"content-length", b"%d" % len(body)),
     ]
     return [*headers, (b"connection", b"close")] if close else headers
+
+
+class JournalUnwritable(Exception):
+    """The usage journal refused a write: the answer must not leave unrecorded."""
+
+    detail = "Usage metering cannot write its journal; try again shortly."
 
 
 class RequestMiddleware:
@@ -55,13 +63,15 @@ class RequestMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         context = RequestContext(request_id=request_id)
         context.attach(scope)
-        response: dict[str, Any] = {"status": 500, "started": False}
+        response: dict[str, Any] = {"status": 500, "started": False, "entry": None}
         send = self._problem_for_plain_413(send, request_id)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 response["status"] = message["status"]
                 response["started"] = True
+                if response["entry"] is None:
+                    await self._record(scope, context, response, started)
                 # Appended as raw pairs: no route sets these, and MutableHeaders would scan
                 # and re-encode the whole list once per header.
                 headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
@@ -73,18 +83,29 @@ class RequestMiddleware:
                         (b"x-ratelimit-reset", b"%d" % window.retry_after),
                     ]
                 message["headers"] = headers
-            await send(message)
+            if context.idempotency is not None:
+                await context.idempotency.relay(message, send)
+            else:
+                await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
         except ClientDisconnect:
             response["status"] = 499  # the client left before sending its body: nobody to answer
+        except JournalUnwritable:
+            response["started"] = False  # the route's answer was never sent
+            await self._send_problem(send, Overloaded(JournalUnwritable.detail), request_id)
+            response["status"] = Overloaded.status_code
         except Exception:
             log.exception("unhandled_error")
             if not response["started"]:
                 await self._send_problem(send_with_headers, None, request_id)
         finally:
-            self._finish(scope, context, response["status"], started)
+            if context.idempotency is not None:
+                await context.idempotency.abandon()  # no-op once the answer was kept
+            if response["entry"] is None:
+                await self._record(scope, context, response, started, wait=False)
+            self._finish(scope, context, response, started)
 
     @staticmethod
     def _request_id(scope: Scope) -> str:
@@ -118,7 +139,39 @@ class RequestMiddleware:
         return send_problem_413
 
     @staticmethod
-    async def _send_problem(send: Send, error: PayloadTooLarge | None, request_id: str) -> None:
+    async def _record(
+        scope: Scope,
+        context: RequestContext,
+        response: dict[str, Any],
+        started: float,
+        *,
+        wait: bool = True,
+    ) -> None:
+        """The request's usage record (if metered), durable before the caller's answer."""
+        path: str = scope["path"]
+        entry = (
+            None
+            if path in _UNRECORDED
+            else context.usage_entry(
+                method=scope["method"],
+                path=path,
+                status_code=response["status"],
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+        )
+        response["entry"] = entry or False
+        if entry is None:
+            return
+        resources: Resources = scope["app"].state.resources
+        durable = resources.usage.add(entry)
+        if durable is not None and wait:
+            try:
+                await durable
+            except OSError:
+                raise JournalUnwritable() from None
+
+    @staticmethod
+    async def _send_problem(send: Send, error: AppError | None, request_id: str) -> None:
         status = error.status_code if error else 500
         body = problem_body(
             status=status,
@@ -131,8 +184,11 @@ class RequestMiddleware:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _finish(self, scope: Scope, context: RequestContext, status: int, started: float) -> None:
+    def _finish(
+        self, scope: Scope, context: RequestContext, response: dict[str, Any], started: float
+    ) -> None:
         elapsed = time.perf_counter() - started
+        status: int = response["status"]
         path: str = scope["path"]
         route = scope.get("route")
         route_path = getattr(route, "path", "unmatched")
@@ -146,25 +202,16 @@ class RequestMiddleware:
             "duration_ms": round(elapsed * 1000, 3),
             "client": anonymise_ip(scope["client"][0] if scope.get("client") else None),
         }
-        entry = (
-            None
-            if path in _UNRECORDED
-            else context.usage_entry(
-                method=scope["method"],
-                path=path,
-                status_code=status,
-                latency_ms=fields["duration_ms"],
-            )
-        )
-        if entry is not None:
+        entry: UsageEntry | bool = response["entry"]
+        if isinstance(entry, UsageEntry):
             fields.update(
                 tenant_id=entry.tenant_id,
                 key_id=entry.key_id,
                 model_version=entry.model_version,
                 items=entry.items,
             )
-            resources: Resources = scope["app"].state.resources
-            resources.usage.add(entry)
+            if entry.replay:
+                fields["replay"] = True
         if self.log_features and context.features is not None:
             fields["features"] = context.features
         log.info("request", **fields)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.dependencies import AdminCaller, DbSession, ResourcesDep
+from service.api.idempotency import AdminIdempotent, openapi_extra
 from service.api.problems import error_responses
 from service.api.staff import audit_change, require_platform_staff
 from service.resources import Resources
@@ -19,6 +20,8 @@ from tenants import repository
 from tenants.errors import (
     Conflict,
     Forbidden,
+    IdempotencyConflict,
+    IdempotencyMismatch,
     InvalidCredentials,
     MissingCredentials,
     NotFound,
@@ -58,7 +61,9 @@ async def list_models(staff: AdminCaller, resources: ResourcesDep) -> ModelsPubl
 @router.post(
     "/{version}/activate",
     response_model=ModelsPublic,
-    responses=error_responses(Conflict, ValidationFailed),
+    responses=error_responses(Conflict, ValidationFailed, IdempotencyConflict, IdempotencyMismatch),
+    dependencies=[AdminIdempotent],
+    openapi_extra=openapi_extra(200),
 )
 async def activate_model(
     request: Request,

@@ -22,7 +22,7 @@ from tenants.tables import UsageRecord
 GroupBy = Literal["tenant", "key", "day"]
 CSV_COLUMNS = (
     "id", "at", "request_id", "tenant_id", "key_id", "method", "path", "status_code", "items",
-    "latency_ms", "model_version",
+    "latency_ms", "model_version", "replay",
 )  # fmt: skip
 
 

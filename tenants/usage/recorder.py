@@ -1,23 +1,26 @@
-"""Usage records, queued in the worker and written behind in multi-row INSERTs.
+"""Usage records: made durable in the worker's journal, then written behind in multi-row INSERTs.
 
-A request never waits for the database: it appends to a deque (microseconds). A background
-task writes up to `max_rows` records at a time, at least every `interval`. A record leaves the
-queue only after its INSERT committed; the INSERT skips ids already present, so a flush retried
-after a lost connection cannot write a record twice. While the database is away the queue
-grows; at `max_queue` customers get 503 rather than unrecorded service. On shutdown the queue
-is written out, and whatever the database still refuses goes to a spill file that the next
-start loads again.
+A request never waits for the database. With `durability="journal"` (the default) its record
+goes to the journal (`tenants.usage.journal`) and its answer waits for the group's fsync, so
+no answer leaves whose record a crash could lose; with `"write-behind"` the record only joins
+the in-memory queue (microseconds), and a crash loses what was queued. A background task
+writes up to `max_rows` queued records at a time, at least every `interval`. A record leaves
+the queue only after its INSERT committed; the INSERT skips ids already present, so a flush
+retried after a lost connection — or a journal replayed after a crash — cannot write a record
+twice. While the database is away the queue grows; at `max_queue` customers get 503 rather
+than unrecorded service. On shutdown the queue is written out; whatever the database still
+refuses stays in (write-behind: goes to) the journal, which the next start replays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import time
 from collections import deque
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from sqlalchemy import Engine, Insert
@@ -25,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from tenants.tables import UsageRecord
+from tenants.usage.journal import UsageJournal
 from tenants.usage.records import UsageEntry
 
 log = structlog.get_logger("tenantserve.usage")
@@ -49,15 +53,17 @@ class UsageRecorder:
         interval_s: float,
         max_rows: int,
         max_queue: int,
-        spill_dir: Path,
+        journal_dir: Path,
+        durability: Literal["journal", "write-behind"] = "journal",
     ) -> None:
         self._engine = engine
         self._interval = interval_s
         # SQLite allows 32,766 bound values a statement; a record binds 11.
         self._max_rows = min(max_rows, 2000)
         self._max_queue = max_queue
-        self._spill_dir = spill_dir
         self._queue: deque[UsageEntry] = deque()
+        self._journal = UsageJournal(journal_dir, self._enqueue)
+        self._durable = durability == "journal"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
@@ -74,13 +80,24 @@ class UsageRecorder:
         """Predictions of `tenant_id` not yet written (quota seeding counts them too)."""
         return sum(entry.items for entry in self._queue if entry.tenant_id == tenant_id)
 
-    def add(self, entry: UsageEntry) -> None:
-        self._queue.append(entry)
+    def add(self, entry: UsageEntry) -> Awaitable[None] | None:
+        """Record `entry`; with a journal, an awaitable done once a crash cannot lose it."""
+        if self._durable:
+            # Shielded: the group's one future is shared, and a cancelled waiter must not
+            # cancel it for the rest of the group.
+            return asyncio.shield(self._journal.append(entry))
+        self._enqueue([entry])
+        return None
+
+    def _enqueue(self, entries: list[UsageEntry]) -> None:
+        self._queue.extend(entries)
         if len(self._queue) >= self._max_rows:
             self._wake.set()
 
     def start(self) -> None:
-        self._load_spills()
+        # The journal is claimed and replayed even in write-behind mode: a shutdown that the
+        # database would not wait for leaves its records there.
+        self._queue.extend(self._journal.claim_orphans())
         self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-flusher")
 
     async def _run(self) -> None:
@@ -104,40 +121,24 @@ class UsageRecorder:
             return False
         for _ in batch:
             self._queue.popleft()
+        self._journal.committed(len(batch))
         if self._failures:
             log.warning("usage_write_recovered", failed_attempts=self._failures)
             self._failures = 0
         return True
 
     async def close(self, *, timeout_s: float = 20.0) -> None:
-        """Write out every queued record; spill what the database will not take in time."""
+        """Write out every queued record; leave in the journal what the database will not
+        take in time."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._journal.drain()
         deadline = time.monotonic() + timeout_s
         while self._queue and time.monotonic() < deadline:
             if not await self._flush_once():
                 await asyncio.sleep(0.5)
-        if self._queue:
-            self._spill()
-
-    def _spill(self) -> None:
-        self._spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self._spill_dir / f"usage-spill-{os.getpid()}-{time.time_ns()}.jsonl"
-        with path.open("w") as spill:
-            for entry in self._queue:
-                spill.write(json.dumps(entry.as_json()) + "\n")
-        log.error("usage_spilled_to_disk", records=len(self._queue), file=str(path))
-        self._queue.clear()
-
-    def _load_spills(self) -> None:
-        for path in sorted(self._spill_dir.glob("usage-spill-*.jsonl")):
-            claimed = path.with_suffix(".loading")
-            try:
-                path.rename(claimed)  # only one worker takes each file
-            except OSError:
-                continue
-            lines = claimed.read_text().splitlines()
-            self._queue.extend(UsageEntry.from_json(json.loads(line)) for line in lines)
-            claimed.unlink()
-            log.info("usage_spill_loaded", records=len(lines), file=str(path))
+        if self._queue and not self._durable:
+            self._journal.dump(list(self._queue))
+            self._journal.committed(len(self._queue))  # replayed segments: now in the dump
+        self._journal.close()

@@ -1,4 +1,4 @@
-"""One usage record as it travels: built when a request ends, queued, counted, written, spilled."""
+"""One usage record as it travels: built when a response starts, journalled, queued, written."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ class UsageEntry:
     items: int
     latency_ms: float
     model_version: str | None
+    replay: bool = False
+    """An idempotent replay of an earlier answer: nothing was served again (`items` is 0)."""
 
     def as_row(self) -> dict[str, Any]:
         """The `usage_records` row (an INSERT's parameters)."""

@@ -12,6 +12,7 @@ from sqlmodel import Session
 
 from auth.principals import Scope
 from service.api.dependencies import AdminCaller, DbSession, ResourcesDep
+from service.api.idempotency import AdminIdempotent, openapi_extra
 from service.api.problems import error_responses
 from service.api.staff import audit_change, require_platform_staff
 from service.serving.registry import ModelError, read_manifest
@@ -19,6 +20,8 @@ from tenants import repository
 from tenants.errors import (
     Conflict,
     Forbidden,
+    IdempotencyConflict,
+    IdempotencyMismatch,
     InvalidCredentials,
     MissingCredentials,
     NotFound,
@@ -42,7 +45,10 @@ router = APIRouter(
     tags=["admin"],
     responses=error_responses(MissingCredentials, InvalidCredentials, Forbidden, NotFound),
 )
-_WRITE_ERRORS = error_responses(Conflict, ValidationFailed)
+_IDEMPOTENCY_ERRORS = (IdempotencyConflict, IdempotencyMismatch)
+_WRITE_ERRORS = error_responses(Conflict, ValidationFailed, *_IDEMPOTENCY_ERRORS)
+_IDEMPOTENT = [AdminIdempotent]
+"""Every admin POST takes an optional Idempotency-Key."""
 
 
 _PLATFORM_FIELDS = {
@@ -60,7 +66,7 @@ def _tenant_public(tenant: Tenant) -> TenantPublic:
 
 @router.post(
     "/tenants", status_code=status.HTTP_201_CREATED, response_model=TenantPublic,
-    responses=_WRITE_ERRORS,
+    responses=_WRITE_ERRORS, dependencies=_IDEMPOTENT, openapi_extra=openapi_extra(201),
 )  # fmt: skip
 def create_tenant(
     request: Request,
@@ -134,7 +140,7 @@ def _issue(session: Session, resources: ResourcesDep, tenant: Tenant, data: KeyC
 
 @router.post(
     "/tenants/{tenant_id}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyIssued,
-    responses=_WRITE_ERRORS,
+    responses=_WRITE_ERRORS, dependencies=_IDEMPOTENT, openapi_extra=openapi_extra(201),
 )  # fmt: skip
 def issue_key(
     request: Request,
@@ -156,7 +162,10 @@ def list_keys(tenant_id: str, staff: AdminCaller, session: DbSession) -> list[Ke
     return [repository.key_public(k) for k in keys]
 
 
-@router.post("/keys/{key_id}/revoke", response_model=KeyPublic)
+@router.post(
+    "/keys/{key_id}/revoke", response_model=KeyPublic, openapi_extra=openapi_extra(200),
+    responses=error_responses(*_IDEMPOTENCY_ERRORS), dependencies=_IDEMPOTENT,
+)  # fmt: skip
 def revoke_key(request: Request, key_id: str, staff: AdminCaller, session: DbSession) -> KeyPublic:
     key = repository.get_key(session, key_id, scope=staff.tenant_id)
     repository.revoke_key(session, key)
@@ -167,7 +176,7 @@ def revoke_key(request: Request, key_id: str, staff: AdminCaller, session: DbSes
 
 @router.post(
     "/keys/{key_id}/rotate", status_code=status.HTTP_201_CREATED, response_model=KeyIssued,
-    responses=_WRITE_ERRORS,
+    responses=_WRITE_ERRORS, dependencies=_IDEMPOTENT, openapi_extra=openapi_extra(201),
 )  # fmt: skip
 def rotate_key(
     request: Request,
@@ -198,7 +207,7 @@ def rotate_key(
 
 @router.post(
     "/users", status_code=status.HTTP_201_CREATED, response_model=UserPublic,
-    responses=_WRITE_ERRORS,
+    responses=_WRITE_ERRORS, dependencies=_IDEMPOTENT, openapi_extra=openapi_extra(201),
 )  # fmt: skip
 def create_user(
     request: Request,

@@ -44,6 +44,8 @@ class UsageRecordPublic(BaseModel):
     items: int
     latency_ms: float
     model_version: str | None
+    replay: bool
+    """An idempotent replay of an earlier answer (`items` is then 0)."""
 
 
 class UsagePage(BaseModel):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from auth.principals import Customer
 from service import metrics
+from service.api import idempotency
 from service.api.dependencies import API_KEY_SECURITY, predict_caller
 from service.api.prediction import predict_rows
 from service.api.problems import error_responses
@@ -27,6 +28,8 @@ from service.serving.schemas import (
 )
 from tenants.errors import (
     Forbidden,
+    IdempotencyConflict,
+    IdempotencyMismatch,
     InvalidCredentials,
     MissingCredentials,
     NotReady,
@@ -40,15 +43,19 @@ from tenants.errors import (
 
 _ERRORS = error_responses(
     MissingCredentials, InvalidCredentials, Forbidden, TenantSuspended, PayloadTooLarge,
-    ValidationFailed, RateLimited, QuotaExceeded, Overloaded, NotReady,
+    ValidationFailed, RateLimited, QuotaExceeded, Overloaded, NotReady, IdempotencyConflict,
+    IdempotencyMismatch,
 )  # fmt: skip
 PREDICT_PATHS = ("/v1/predict", "/v1/predict/batch")
 
 
 def _openapi(body: type[BaseModel] | TypeAdapter[Any]) -> dict[str, Any]:
-    """What the route's signature would have declared: its body and its caller's key."""
+    """What the route's signature would have declared: its body, its caller's key, the
+    optional `Idempotency-Key`."""
     schema = body.json_schema() if isinstance(body, TypeAdapter) else body.model_json_schema()
     return {
+        **idempotency.openapi_extra(200),
+        "parameters": [idempotency.PARAMETER],
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": inline_json_schema(schema)}},
@@ -82,7 +89,9 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def predict(request: Request) -> Response:
         resources, customer = await predict_caller(request)
-        rows = single_rows(await request.body())
+        body = await request.body()
+        rows = single_rows(body)
+        await idempotency.begin(request, resources, f"key:{customer.key_id}", body)
         version, proba = await _predict(request, resources, customer, rows)
         return _json(single_answer(version, proba))
 
@@ -96,7 +105,9 @@ def build_router(settings: Settings) -> APIRouter:
     async def predict_batch(request: Request) -> Response:
         resources, customer = await predict_caller(request)
         cap = min(customer.max_batch_size, resources.settings.max_batch_size)
-        rows = batch_rows(await request.body(), batch_model, cap=cap)
+        body = await request.body()
+        rows = batch_rows(body, batch_model, cap=cap)
+        await idempotency.begin(request, resources, f"key:{customer.key_id}", body)
         metrics.BATCH_SIZE.observe(len(rows))
         version, proba = await _predict(request, resources, customer, rows)
         return _json(batch_answer(version, proba))

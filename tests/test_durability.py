@@ -1,0 +1,147 @@
+"""Usage records that survive a crash (contract "Usage records", issue 14).
+
+An answer leaves only once its record is in the worker's journal on disk, so SIGKILL — of a
+loaded server, or of one whose database is unreachable — loses no answered request's record,
+and the replay at the next start writes none twice. The journal's reader survives a torn
+last line and a corrupt one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from service.config import Settings
+from tenants.usage.journal import encode
+from tenants.usage.records import UsageEntry
+from tests.conftest import FEATURES, LiveServer, admin_token, live_server, new_customer
+from tests.test_rate_limits import CuttableProxy, app_client, poll, server_env
+from tests.test_usage import LoadResult, all_records, assert_recorded_once, database_proxy
+
+__all__ = ["database_proxy"]  # a fixture, used by name
+INVALID = {**FEATURES, "sepal_length": -1}
+
+
+def mixed_load(server: LiveServer, headers: dict[str, str], result: LoadResult) -> None:
+    """Valid and invalid predictions until the server stops answering (200, 422 and 429)."""
+    with server.client() as client:
+        for sent in range(1_000_000):
+            request_id = f"load-{uuid.uuid4().hex}"
+            body = INVALID if sent % 4 == 3 else FEATURES
+            try:
+                response = client.post(
+                    "/v1/predict", json=body, headers={**headers, "X-Request-ID": request_id}
+                )
+            except httpx.HTTPError:
+                result.record(request_id, None)
+                return
+            result.record(request_id, response.status_code)
+
+
+def kill_under_load(server: LiveServer, headers: dict[str, str], result: LoadResult) -> None:
+    """Load from 6 clients, then SIGKILL the server and all its workers mid-stream."""
+    threads = [
+        threading.Thread(target=mixed_load, args=(server, headers, result)) for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    before = len(result.answered)
+    poll(lambda: len(result.answered), lambda answered: answered >= before + 100, within=30)
+    os.killpg(server.process.pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=30)
+    server.process.wait()
+
+
+def test_sigkill_under_load_loses_no_answered_record(
+    database_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    env = server_env(database_url, model_dir, usage_journal_dir=str(tmp_path / "journal"))
+    result = LoadResult()
+    with live_server(env, tmp_path / "server.log", workers=2) as server:
+        with server.client() as client:
+            customer = new_customer(client, rate_limit="40/second")
+        kill_under_load(server, customer.headers, result)
+    for restart in range(4):
+        with live_server(env, tmp_path / f"server-{restart}.log", workers=2) as server:
+            kill_under_load(server, customer.headers, result)
+    assert {200, 422, 429} <= set(result.answered.values())
+    with live_server(env, tmp_path / "server-final.log", workers=2) as server:
+        with server.client() as client:
+            token = admin_token(client)
+            records = poll(
+                lambda: all_records(client, token, tenant_id=customer.tenant["id"]),
+                lambda found: {r["request_id"] for r in found} >= set(result.answered),
+            )
+    assert_recorded_once(records, result)
+
+
+def test_sigkill_while_the_database_is_unreachable_loses_nothing(
+    database_proxy: tuple[CuttableProxy, str], model_dir: Path, tmp_path: Path
+) -> None:
+    proxy, proxied_url = database_proxy
+    env = server_env(proxied_url, model_dir, usage_journal_dir=str(tmp_path / "journal"))
+    result = LoadResult()
+    with live_server(env, tmp_path / "server.log") as server, server.client() as client:
+        customer = new_customer(client, rate_limit="100000/minute")
+        warm = client.post("/v1/predict", json=FEATURES, headers=customer.headers)
+        result.record(warm.headers["X-Request-ID"], warm.status_code)  # the key now cached
+        proxy.cut()
+        for _ in range(30):  # served from the key cache, journalled, the database away
+            request_id = f"outage-{uuid.uuid4().hex}"
+            response = client.post(
+                "/v1/predict",
+                json=FEATURES,
+                headers={**customer.headers, "X-Request-ID": request_id},
+            )
+            result.record(request_id, response.status_code)
+        assert set(result.answered.values()) == {200}
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+    proxy.restore()
+    with live_server(env, tmp_path / "restarted.log") as server, server.client() as client:
+        token = admin_token(client)
+        records = poll(
+            lambda: all_records(client, token, tenant_id=customer.tenant["id"]),
+            lambda found: len(found) >= len(result.sent),
+        )
+    assert_recorded_once(records, result)
+
+
+def _entry(request_id: str, tenant_id: str) -> UsageEntry:
+    return UsageEntry(
+        id=uuid.uuid4().hex, at=datetime.now(UTC), request_id=request_id, tenant_id=tenant_id,
+        key_id="k" * 12, method="POST", path="/v1/predict", status_code=200, items=1,
+        latency_ms=1.0, model_version="v1",
+    )  # fmt: skip
+
+
+def test_a_torn_and_a_corrupt_journal_are_replayed_up_to_what_is_whole(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    tenant = f"t{uuid.uuid4().hex[:11]}"
+    whole = [_entry(f"whole-{n}", tenant) for n in range(3)]
+    corrupt = encode([_entry("corrupt", tenant)]).replace(b'"items":1', b'"items":9')
+    torn = encode([_entry("torn", tenant)])[:-20]
+    (journal / "usage-1-1.journal").write_bytes(
+        encode(whole[:2]) + corrupt + encode(whole[2:]) + b"not json at all\n" + torn
+    )
+    # Replayed once: two starts, the second finding nothing left to do.
+    for _ in range(2):
+        with app_client(make_settings, usage_journal_dir=journal) as client:
+            token = admin_token(client)
+            records = poll(
+                lambda: all_records(client, token, tenant_id=tenant),
+                lambda found: len(found) >= len(whole),
+            )
+        assert sorted(r["request_id"] for r in records) == [e.request_id for e in whole]
+        assert list(journal.glob("usage-*.journal")) == []
