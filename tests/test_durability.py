@@ -73,13 +73,13 @@ def test_sigkill_under_load_loses_no_answered_record(
         with live_server(env, tmp_path / f"server-{restart}.log", workers=2) as server:
             kill_under_load(server, customer.headers, result)
     assert {200, 422, 429} <= set(result.answered.values())
-    with live_server(env, tmp_path / "server-final.log", workers=2) as server:
-        with server.client() as client:
-            token = admin_token(client)
-            records = poll(
-                lambda: all_records(client, token, tenant_id=customer.tenant["id"]),
-                lambda found: {r["request_id"] for r in found} >= set(result.answered),
-            )
+    final = live_server(env, tmp_path / "server-final.log", workers=2)
+    with final as server, server.client() as client:
+        token = admin_token(client)
+        records = poll(
+            lambda: all_records(client, token, tenant_id=customer.tenant["id"]),
+            lambda found: {r["request_id"] for r in found} >= set(result.answered),
+        )
     assert_recorded_once(records, result)
 
 
@@ -138,9 +138,8 @@ def test_a_torn_and_a_corrupt_journal_are_replayed_up_to_what_is_whole(
     # Replayed once: two starts, the second finding nothing left to do.
     for _ in range(2):
         with app_client(make_settings, usage_journal_dir=journal) as client:
-            token = admin_token(client)
             records = poll(
-                lambda: all_records(client, token, tenant_id=tenant),
+                lambda: all_records(client, admin_token(client), tenant_id=tenant),
                 lambda found: len(found) >= len(whole),
             )
         assert sorted(r["request_id"] for r in records) == [e.request_id for e in whole]
