@@ -27,7 +27,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TENANTSERVE_PORT=8000 \
     TENANTSERVE_MODEL_DIR=/app/models \
     TENANTSERVE_DATABASE_URL=sqlite:////app/data/tenantserve.db \
-    TENANTSERVE_USAGE_SPILL_DIR=/app/data/usage-spill
+    TENANTSERVE_USAGE_JOURNAL_DIR=/app/data/usage-journal
 RUN groupadd --system --gid 10001 tenantserve \
     && useradd --system --uid 10001 --gid tenantserve --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin tenantserve

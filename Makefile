@@ -58,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python -m perf.bench
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache tenantserve.db* models usage-spill
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache tenantserve.db* models usage-journal
