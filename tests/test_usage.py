@@ -279,6 +279,7 @@ def _as_listed(row: dict[str, str]) -> Record:
         "items": int(row["items"]),
         "latency_ms": float(row["latency_ms"]),
         "model_version": row["model_version"] or None,
+        "replay": row["replay"] == "True",
     }
 
 
