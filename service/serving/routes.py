@@ -83,7 +83,9 @@ async def activate_model(
 @router.post(
     "/{version}/rollout",
     response_model=ModelsPublic,
-    responses=error_responses(Conflict, ValidationFailed),
+    responses=error_responses(Conflict, ValidationFailed, IdempotencyConflict, IdempotencyMismatch),
+    dependencies=[AdminIdempotent],
+    openapi_extra=openapi_extra(200),
 )
 async def roll_out_model(
     request: Request,

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from auth.principals import Customer
+from service.api import idempotency
 from service.api.dependencies import PredictCaller, ResourcesDep
 from service.api.prediction import predict_rows
 from service.api.problems import error_responses
@@ -38,6 +39,8 @@ from service.serving.inference_v2 import (
 from service.serving.registry import ModelError, list_versions, read_manifest
 from tenants.errors import (
     Forbidden,
+    IdempotencyConflict,
+    IdempotencyMismatch,
     InvalidCredentials,
     MissingCredentials,
     NotFound,
@@ -56,7 +59,8 @@ _MODEL_ERRORS = error_responses(
 )  # fmt: skip
 _INFER_ERRORS = error_responses(
     MissingCredentials, InvalidCredentials, Forbidden, TenantSuspended, NotFound,
-    ValidationFailed, RateLimited, QuotaExceeded, Overloaded, NotReady,
+    ValidationFailed, RateLimited, QuotaExceeded, Overloaded, NotReady, IdempotencyConflict,
+    IdempotencyMismatch,
 )  # fmt: skip
 
 
@@ -138,7 +142,9 @@ async def _infer(
     version: str | None,
 ) -> Response:
     chosen = _chosen_version(resources, customer, model_name, version)
-    body = parse_request(await request.body(), binary=_BINARY_HEADER in request.headers)
+    raw = await request.body()
+    body = parse_request(raw, binary=_BINARY_HEADER in request.headers)
+    await idempotency.begin(request, resources, f"key:{customer.key_id}", raw)
     cap = min(customer.max_batch_size, resources.settings.max_batch_size)
     rows = input_rows(body, cap=cap)
     model, proba = await predict_rows(request, resources, customer, rows, version=chosen)
@@ -147,6 +153,8 @@ async def _infer(
 
 # Clients send the body with any content type, or none: it is read as JSON whatever it says.
 _INFER_BODY = {
+    **idempotency.openapi_extra(200),
+    "parameters": [idempotency.PARAMETER],
     "requestBody": {
         "required": True,
         "content": {"application/json": {"schema": InferenceRequest.model_json_schema(
