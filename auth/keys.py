@@ -1,7 +1,12 @@
-"""API keys: `tsk_<key id>_<secret><checksum>`, stored only as HMAC-SHA256 under a pepper.
+"""API keys: `tsk_<key id>_<secret><tag><checksum>`, stored only as HMAC-SHA256 under a pepper.
 
 The key id is public (it is the key's `id` and shows in logs and on the dashboard) so a leaked
-key can be traced; the checksum lets us refuse a mistyped or invented key without a lookup.
+key can be traced. The checksum is a public CRC-32, so secret scanners (and typo checks) can
+recognise our keys without any secret. The tag is a MAC of the rest under a key derived from
+the pepper: anyone can compute a CRC, only we can compute a tag, so a key that was never issued
+is refused without a database lookup. Keys issued before tags existed (`tsk_<id>_<secret><crc>`,
+6 characters shorter) stay valid; they parse as `legacy` and are looked up only when their id
+is one the worker knows (see `service.api.key_cache`).
 HMAC, not a password hash: a 190-bit random secret cannot be brute-forced, and the check must
 cost microseconds on every request. This is the only module that uses `hmac` and `secrets`.
 """
@@ -14,14 +19,19 @@ import secrets
 import string
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 PREFIX = "tsk_"
 _ALPHABET = string.digits + string.ascii_letters
 _KEY_ID_LENGTH = 12
 _SECRET_LENGTH = 32  # 62**32 ≈ 2**190
 _CHECKSUM_LENGTH = 6  # 62**6 > 2**32: room for a whole CRC-32
-_TOKEN_LENGTH = len(PREFIX) + _KEY_ID_LENGTH + 1 + _SECRET_LENGTH + _CHECKSUM_LENGTH
+_TAG_LENGTH = 8  # 62**8 ≈ 2**47 guesses per invented key that gets as far as a lookup
+_LEGACY_LENGTH = len(PREFIX) + _KEY_ID_LENGTH + 1 + _SECRET_LENGTH + _CHECKSUM_LENGTH
+_TOKEN_LENGTH = _LEGACY_LENGTH + _TAG_LENGTH
 _ALPHABET_SET = frozenset(_ALPHABET)
+# Domain separation: the tag key is derived from the pepper but never equals a key hash.
+_TAG_LABEL = b"tenantserve api-key tag v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,28 +48,52 @@ def _random(length: int) -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
-def _checksum(body: str) -> str:
-    value = zlib.crc32(body.encode())
+def _base62(value: int, length: int) -> str:
     digits = []
-    for _ in range(_CHECKSUM_LENGTH):
+    for _ in range(length):
         value, digit = divmod(value, len(_ALPHABET))
         digits.append(_ALPHABET[digit])
     return "".join(reversed(digits))
+
+
+def _checksum(body: str) -> str:
+    return _base62(zlib.crc32(body.encode()), _CHECKSUM_LENGTH)
+
+
+@lru_cache(maxsize=4)
+def _tag_key(pepper: str) -> bytes:
+    return hmac.new(pepper.encode(), _TAG_LABEL, hashlib.sha256).digest()
+
+
+def _tag(body: str, pepper: str) -> str:
+    digest = hmac.new(_tag_key(pepper), body.encode(), hashlib.sha256).digest()
+    return _base62(int.from_bytes(digest[:8]), _TAG_LENGTH)
 
 
 def new_key_id() -> str:
     return _random(_KEY_ID_LENGTH)
 
 
-def generate(key_id: str | None = None) -> NewKey:
+def generate(pepper: str, key_id: str | None = None) -> NewKey:
     key_id = key_id or new_key_id()
     body = f"{PREFIX}{key_id}_{_random(_SECRET_LENGTH)}"
+    body += _tag(body, pepper)
     return NewKey(key_id=key_id, token=body + _checksum(body))
 
 
-def key_id_of(token: str) -> str | None:
-    """The key id of a well-formed token whose checksum holds, else None (no lookup needed)."""
-    if len(token) != _TOKEN_LENGTH or not token.startswith(PREFIX):
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    key_id: str
+    legacy: bool
+    """Issued before tags: its id must be a known one before it is looked up."""
+
+
+def parse(token: str, pepper: str) -> ParsedKey | None:
+    """The key id of a well-formed token whose checksum (and tag) hold, else None.
+
+    None means refused without a lookup: a typo, an invented key or a forged tag.
+    """
+    if len(token) not in (_TOKEN_LENGTH, _LEGACY_LENGTH) or not token.startswith(PREFIX):
         return None
     key_id = token[len(PREFIX) : len(PREFIX) + _KEY_ID_LENGTH]
     separator = token[len(PREFIX) + _KEY_ID_LENGTH]
@@ -69,7 +103,12 @@ def key_id_of(token: str) -> str | None:
     body = token[:-_CHECKSUM_LENGTH]
     if not hmac.compare_digest(_checksum(body), token[-_CHECKSUM_LENGTH:]):
         return None
-    return key_id
+    if len(token) == _LEGACY_LENGTH:
+        return ParsedKey(key_id, legacy=True)
+    signed, tag = body[:-_TAG_LENGTH], body[-_TAG_LENGTH:]
+    if not hmac.compare_digest(_tag(signed, pepper), tag):
+        return None
+    return ParsedKey(key_id, legacy=False)
 
 
 def hash_key(token: str, pepper: str) -> str:

@@ -96,6 +96,10 @@ def serve(_args: argparse.Namespace) -> None:
         # busy host; its replacement starts just as slowly, so the server never comes up.
         timeout_worker_healthcheck=30,
         server_header=False,
+        # Behind a trusted proxy `scope["client"]` is the real caller: failed authentications
+        # are counted per client address.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         ws="none",  # no WebSocket routes: an upgrade attempt is refused before any app code
     )
     if metrics_dir:

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     signin_address_rate_limit: str = "60/minute"
     """Sign-in attempts allowed per client address (slowapi)."""
 
+    auth_failure_limit: str = "100/minute"
+    """Failed API-key authentications allowed per client address; beyond it 429 before lookup."""
+
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies whose `X-Forwarded-For` names the client address (uvicorn's forwarded_allow_ips)."""
+
     password_hash_memory_kib: int = Field(default=65536, ge=8, le=4_194_304)
     """argon2id memory cost of staff passwords, in KiB."""
 
@@ -148,7 +154,9 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
     """Worker processes of `tenantserve serve`."""
 
-    @field_validator("default_rate_limit", "signin_rate_limit", "signin_address_rate_limit")
+    @field_validator(
+        "default_rate_limit", "signin_rate_limit", "signin_address_rate_limit", "auth_failure_limit"
+    )
     @classmethod
     def _valid_limit(cls, value: str) -> str:
         parse_limit(value)

@@ -30,6 +30,7 @@ from service.api.routes import admin, audit, health, inference_v2, predict, sign
 from service.changes import watch_changes
 from service.config import Settings, get_settings
 from service.idempotency_store import make_store
+from service.limits.auth_failures import AuthFailures
 from service.limits.rate_limiter import RateLimiter
 from service.logging import configure_logging
 from service.resources import Resources
@@ -39,7 +40,7 @@ from service.serving.models import ModelHolder
 from service.serving.registry import ModelError, list_versions, newest_version, read_manifest
 from service.telemetry import telemetry_config
 from tenants.database import make_engine, unit_of_work, upgrade
-from tenants.repository import find_user, read_control
+from tenants.repository import find_user, read_control, unrevoked_key_ids
 from tenants.tables import User
 from tenants.usage.recorder import UsageRecorder
 
@@ -85,6 +86,8 @@ def _build_resources(settings: Settings) -> Resources:
     ensure_bootstrap_admin(engine, settings, passwords)
     version = startup_version(engine, settings)
     models = ModelHolder.load(settings.model_dir, version, max_loaded=settings.model_max_loaded)
+    with unit_of_work(engine) as session:
+        legacy_ids = unrevoked_key_ids(session)
     resources = Resources(
         settings=settings,
         engine=engine,
@@ -95,7 +98,7 @@ def _build_resources(settings: Settings) -> Resources:
             max_rows=settings.microbatch_max_rows,
             max_wait_us=settings.microbatch_max_wait_us,
         ),
-        keys=KeyCache(),
+        keys=KeyCache(legacy_ids=legacy_ids),
         usage=UsageRecorder(
             engine,
             interval_s=settings.usage_flush_interval_ms / 1000,
@@ -108,6 +111,7 @@ def _build_resources(settings: Settings) -> Resources:
         idempotency=make_store(
             settings.rate_limit_storage_uri, engine, ttl_s=settings.idempotency_ttl_s
         ),
+        auth_failures=AuthFailures(settings.auth_failure_limit),
     )
     return resources
 

@@ -11,6 +11,7 @@ from auth.passwords import PasswordHasher
 from service.api.key_cache import KeyCache
 from service.config import Settings
 from service.idempotency_store import IdempotencyStore
+from service.limits.auth_failures import AuthFailures
 from service.limits.rate_limiter import RateLimiter
 from service.serving.batcher import MicroBatcher
 from service.serving.models import ModelHolder
@@ -28,6 +29,7 @@ class Resources:
     usage: UsageRecorder
     passwords: PasswordHasher
     idempotency: IdempotencyStore
+    auth_failures: AuthFailures
     database_ok: bool = True
     """As last seen by the change watcher: False while the database is unreachable."""
 

@@ -129,7 +129,7 @@ def issue_key(
     session: Session, tenant: Tenant, data: KeyCreate, *, pepper: str
 ) -> tuple[ApiKey, str]:
     """A new key for `tenant`; the token is returned here and never stored."""
-    new = keys.generate()
+    new = keys.generate(pepper)
     key = ApiKey(
         id=new.key_id,
         tenant_id=tenant.id,
@@ -186,6 +186,15 @@ class KeyRecord:
     monthly_quota: int | None
     pinned_model_version: str | None = None
     allow_version_choice: bool = False
+
+
+def unrevoked_key_ids(session: Session) -> frozenset[str]:
+    """Ids of keys not revoked yet: the legacy (untagged) keys a worker may look up."""
+    now = utcnow()
+    query = select(ApiKey.id).where(
+        col(ApiKey.revoked_at).is_(None) | (col(ApiKey.revoked_at) > now)
+    )
+    return frozenset(session.exec(query))
 
 
 def load_key_record(session: Session, key_id: str) -> KeyRecord | None:

@@ -16,7 +16,7 @@ from pydantic import (
 
 from auth.passwords import MIN_PASSWORD_LENGTH
 from auth.principals import ALL_SCOPES, Role, Scope
-from tenants.rate_limits import parse_limit
+from tenants.rate_limits import RATE_LIMIT_PATTERN, parse_limit
 
 
 def _valid_limit(value: str | None) -> str | None:
@@ -27,11 +27,15 @@ def _valid_limit(value: str | None) -> str | None:
 
 RateLimitText = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, max_length=64),
+    StringConstraints(max_length=64, pattern=RATE_LIMIT_PATTERN),
     AfterValidator(_valid_limit),
-    Field(examples=["600/minute"], description="`<count>/<second|minute|hour|day>`"),
+    Field(examples=["600/minute"], description="`<count>/[<multiple>]<second|minute|hour|day>`"),
 ]
 ModelVersionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+# What an INTEGER column holds: larger numbers are 422, never an overflow in the database.
+INT32_MAX = 2_147_483_647
+MonthlyQuota = Annotated[int, Field(ge=0, le=INT32_MAX, description="predictions per month")]
+BatchCap = Annotated[int, Field(ge=1, le=100_000)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 
 
@@ -42,15 +46,15 @@ class Strict(BaseModel):
 class TenantCreate(Strict):
     name: Name
     rate_limit: RateLimitText | None = None
-    max_batch_size: int | None = Field(default=None, ge=1, le=100_000)
-    monthly_quota: int | None = Field(default=None, ge=0, description="predictions per month")
+    max_batch_size: BatchCap | None = None
+    monthly_quota: MonthlyQuota | None = None
 
 
 class TenantUpdate(Strict):
     name: Name | None = None
     rate_limit: RateLimitText | None = None
-    max_batch_size: int | None = Field(default=None, ge=1, le=100_000)
-    monthly_quota: int | None = Field(default=None, ge=0)
+    max_batch_size: BatchCap | None = None
+    monthly_quota: MonthlyQuota | None = None
     status: Literal["active", "suspended"] | None = None
     model_version: ModelVersionName | None = Field(
         default=None, description="pin a registered version; null follows the platform"

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from auth import keys
 from service.api.key_cache import KeyCache
+from service.config import DEV_API_KEY_PEPPER
 from tenants.repository import KeyRecord
 from tests.conftest import (
     FEATURES,
@@ -154,9 +155,9 @@ def test_unknown_revoked_expired_and_forged_keys_get_the_same_401(client: TestCl
     assert client.post(f"/v1/admin/keys/{revoked['id']}/revoke", headers=bearer(token)).is_success
     last = live["key"][-1]
     candidates = {
-        "unknown": keys.generate().token,
+        "unknown": keys.generate(DEV_API_KEY_PEPPER).token,
         "wrong checksum": live["key"][:-1] + ("A" if last != "A" else "B"),
-        "another key's id, wrong secret": keys.generate(live["id"]).token,
+        "another key's id, wrong secret": keys.generate(DEV_API_KEY_PEPPER, live["id"]).token,
         "not a key at all": "hunter2",
         "revoked": revoked["key"],
         "expired": expiring["key"],

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from auth.keys import generate
-from service.config import Settings
+from service.config import DEV_API_KEY_PEPPER, Settings
 from service.logging import MASK, Redactor, anonymise_ip, stdlib_formatter
 from tests.conftest import (
     ADMIN_PASSWORD,
@@ -148,7 +148,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Run:
             run.expect(**known, model_version=None, items=0)
 
             # Right key id and checksum, wrong secret; the caller sends a trace id of its own.
-            forged = generate(key_id=customer.key["id"]).token
+            forged = generate(DEV_API_KEY_PEPPER, key_id=customer.key["id"]).token
             headers = {"X-API-Key": forged, "X-Request-ID": CALLER_REQUEST_ID}
             client.post("/v1/predict", json=FEATURES, headers=headers)
 
@@ -336,7 +336,7 @@ def test_sensitive_keys_are_masked_at_any_depth() -> None:
 
 
 def test_api_keys_and_jwts_are_masked_inside_any_string() -> None:
-    key = generate().token
+    key = generate(DEV_API_KEY_PEPPER).token
     jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZGEiLCJyb2xlIjoiYWRtaW4ifQ.c2lnbmF0dXJlLXBhcnQ"
     event = {
         "event": f"key {key} refused",

@@ -39,6 +39,8 @@ class RequestContext:
     rate_window: WindowState | None = None
     items: int = 0
     """Predictions served."""
+    quota_remaining: int | None = None
+    """The tenant's monthly quota left, when this request reserved some (for the headers)."""
     model_version: str | None = None
     features: list[list[float]] | None = None
     """Only kept when `TENANTSERVE_LOG_FEATURES` is on."""

@@ -1,8 +1,10 @@
 """Who is calling, checked once per request: one gate for customers, one dependency per staff role.
 
-Customer keys are checked in this order: format and checksum → lookup (cache, else database)
-→ secret → not revoked → not expired → the key's rate limit → tenant active → scope. Every
-failure before the limit is the same 401, so a caller learns nothing about which keys exist;
+Customer keys are checked in this order: the caller's address not over its failed
+authentications → format, checksum and tag (or, for a legacy key, a known id) → lookup (cache,
+else database) → secret → not revoked → not expired → the key's rate limit → tenant active →
+scope. Every failure before the limit is the same 401 and counts against the address, so a
+caller learns nothing about which keys exist and cannot guess for long;
 the limit comes before the 403s so that every answer after authentication carries the
 rate-limit headers, as customers are promised.
 """
@@ -15,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, OAuth2PasswordBearer, SecurityScopes
 from sqlalchemy import Engine
@@ -25,6 +28,7 @@ from auth import keys, tokens
 from auth.principals import Customer, Staff
 from service import metrics
 from service.api.context import context_of
+from service.logging import anonymise_ip
 from service.resources import Resources, get_resources, resources_of
 from tenants.database import unit_of_work
 from tenants.errors import (
@@ -49,6 +53,7 @@ API_KEY_SECURITY: list[dict[str, list[str]]] = [{API_KEY_HEADER.scheme_name: []}
 _KEY_CHALLENGE = {"WWW-Authenticate": 'APIKey header="X-API-Key"'}
 _BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 _DATABASE_DOWN = "The database is unreachable; try again shortly."
+log = structlog.get_logger("tenantserve.auth")
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
@@ -72,9 +77,11 @@ def _load_record(engine: Engine, key_id: str) -> KeyRecord | None:
 
 
 async def _verified_key(resources: Resources, token: str) -> tuple[KeyRecord, Customer]:
-    key_id = keys.key_id_of(token)
-    if key_id is None:
-        raise InvalidCredentials(headers=_KEY_CHALLENGE)
+    pepper = resources.settings.api_key_pepper.get_secret_value()
+    parsed = keys.parse(token, pepper)
+    if parsed is None or (parsed.legacy and parsed.key_id not in resources.keys.legacy_ids):
+        raise InvalidCredentials(headers=_KEY_CHALLENGE)  # no lookup: never issued
+    key_id = parsed.key_id
     hit, record, customer = resources.keys.get(key_id)
     if not hit:
         generation = resources.keys.generation
@@ -83,7 +90,6 @@ async def _verified_key(resources: Resources, token: str) -> tuple[KeyRecord, Cu
         except SQLAlchemyError:
             raise NotReady(_DATABASE_DOWN) from None
         customer = resources.keys.put(key_id, record, generation=generation)
-    pepper = resources.settings.api_key_pepper.get_secret_value()
     if record is None or customer is None or not keys.matches(token, record.key_hash, pepper):
         raise InvalidCredentials(headers=_KEY_CHALLENGE)
     now = time.time()
@@ -127,7 +133,21 @@ async def admit_customer(
         raise MissingCredentials(
             "Send your API key in the X-API-Key header.", headers=_KEY_CHALLENGE
         )
-    record, customer = await _verified_key(resources, api_key)
+    address = request.client.host if request.client else ""
+    verdict = resources.auth_failures.check(address)
+    if verdict.blocked:
+        metrics.REJECTIONS.labels("auth_failures").inc()
+        if verdict.first_in_window:
+            log.warning("auth_failures_throttled", client=anonymise_ip(address or None))
+        raise RateLimited(
+            "Too many failed authentications from this address; wait before trying again.",
+            headers={"Retry-After": str(verdict.retry_after)},
+        )
+    try:
+        record, customer = await _verified_key(resources, api_key)
+    except InvalidCredentials:
+        resources.auth_failures.record(address)
+        raise
     # From here on the request is the tenant's: it is metered whatever its outcome.
     context = context_of(request)
     context.customer = customer

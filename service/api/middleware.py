@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.api.context import RequestContext
 from service.api.problems import PROBLEM_CONTENT_TYPE, problem_body
+from service.api.ratelimit_headers import ratelimit_fields
 from service.config import Settings
 from service.logging import anonymise_ip
 from service.resources import Resources
@@ -82,6 +83,10 @@ class RequestMiddleware:
                         (b"x-ratelimit-remaining", b"%d" % window.remaining),
                         (b"x-ratelimit-reset", b"%d" % window.retry_after),
                     ]
+                    if context.customer is not None:
+                        headers += ratelimit_fields(
+                            context.customer, window, context.quota_remaining
+                        )
                 message["headers"] = headers
             if context.idempotency is not None:
                 await context.idempotency.relay(message, send)

@@ -38,6 +38,7 @@ async def predict_rows(
         await reservation.release()
         raise
     context.items = len(rows)
+    context.quota_remaining = reservation.remaining
     context.model_version = model.version
     metrics.PREDICTIONS.labels(model.version).inc(len(rows))
     annotate_span(customer, model.version)

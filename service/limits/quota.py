@@ -17,8 +17,12 @@ from tenants.usage.records import month_start, next_month_start
 class QuotaReservation:
     """Predictions reserved against the tenant's month; given back if they are not served."""
 
-    def __init__(self, resources: Resources, key: str, amount: int) -> None:
+    def __init__(
+        self, resources: Resources, key: str, amount: int, *, remaining: int | None = None
+    ) -> None:
         self._resources, self._key, self.amount = resources, key, amount
+        self.remaining = remaining
+        """The month's quota left once this is served (None: the tenant has no quota)."""
 
     async def release(self) -> None:
         if self.amount:
@@ -45,11 +49,12 @@ async def reserve_quota(resources: Resources, customer: Customer, amount: int) -
         )
         return written + queued
 
-    if not await resources.limiter.consume_quota(key, amount, quota, used_so_far):
+    used = await resources.limiter.consume_quota(key, amount, quota, used_so_far)
+    if used is None:
         metrics.REJECTIONS.labels("quota").inc()
         retry_after = max(1, int((next_month_start(now) - now).total_seconds()))
         raise QuotaExceeded(
             f"This tenant's monthly quota of {quota} predictions would be exceeded.",
             headers={"Retry-After": str(retry_after)},
         )
-    return QuotaReservation(resources, key, amount)
+    return QuotaReservation(resources, key, amount, remaining=max(0, quota - used))

@@ -61,13 +61,13 @@ if oldest then reset = tonumber(oldest) + window - now end
 return {allowed, hits, string.format('%.6f', reset)}
 """
 
-# KEYS[1]: the tenant's month counter. ARGV: amount, quota. Returns -1 unseeded, 0 over, 1 ok.
+# KEYS[1]: the tenant's month counter. ARGV: amount, quota. Returns -1 unseeded, -2 over, else
+# the count after adding (the remaining quota for the response headers, without a round trip).
 _QUOTA_LUA = """
 local used = redis.call('GET', KEYS[1])
 if not used then return -1 end
-if tonumber(used) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
-redis.call('INCRBY', KEYS[1], ARGV[1])
-return 1
+if tonumber(used) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return -2 end
+return redis.call('INCRBY', KEYS[1], ARGV[1])
 """
 
 
@@ -145,15 +145,15 @@ class _LocalStore:
             if not state.slices or state.slices[-1][0] + state.slice_length <= now - window:
                 del self._windows[(key, window)]
 
-    async def consume(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> bool:
+    async def consume(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> int | None:
         if key not in self._quota_used:
             used = await seed()
             self._quota_used.setdefault(key, used)
         # No await between the check and the increment: atomic on the event loop.
         if self._quota_used[key] + amount > quota:
-            return False
+            return None
         self._quota_used[key] += amount
-        return True
+        return self._quota_used[key]
 
     async def refund(self, key: str, amount: int) -> None:
         if key in self._quota_used:
@@ -222,13 +222,13 @@ class _RedisStore:
             return list(results)
         raise AssertionError("unreachable")
 
-    async def consume(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> bool:
+    async def consume(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> int | None:
         redis_key = f"tenantserve:quota:{key}"
         outcome = await self._quota_script(keys=[redis_key], args=[amount, quota])
         if outcome == -1:
             await self.client.set(redis_key, await seed(), nx=True, ex=_QUOTA_TTL_S)
             outcome = await self._quota_script(keys=[redis_key], args=[amount, quota])
-        return bool(outcome == 1)
+        return int(outcome) if outcome >= 0 else None
 
     async def refund(self, key: str, amount: int) -> None:
         await self.client.decrby(f"tenantserve:quota:{key}", amount)
@@ -257,7 +257,8 @@ class RateLimiter:
         item = parse_limit(limit)
         return await self._call(lambda store: store.hit(key, item))
 
-    async def consume_quota(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> bool:
+    async def consume_quota(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> int | None:
+        """The month's count with `amount` added, or None (and nothing added) if over `quota`."""
         return await self._call(lambda store: store.consume(key, amount, quota, seed))
 
     async def refund_quota(self, key: str, amount: int) -> None:

@@ -1,0 +1,36 @@
+"""The IETF rate-limit fields (draft-ietf-httpapi-ratelimit-headers), as structured fields.
+
+`RateLimit-Policy: "key";q=600;w=60, "quota";q=100000` says what the limits are;
+`RateLimit: "key";r=599;t=59, "quota";r=99990;t=1234567` says where the caller stands. The
+`"quota"` policy is listed whenever the tenant has a monthly quota; its `RateLimit` item only
+when this request reserved quota (a prediction), because only then is the remaining count
+known without another round trip. Requests refused before that step (401 aside: no tenant is
+known) carry the key item alone in `RateLimit`.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+from auth.principals import Customer
+from service.limits.rate_limiter import WindowState
+from tenants.rate_limits import parse_limit
+from tenants.usage.records import next_month_start
+
+
+def ratelimit_fields(
+    customer: Customer, window: WindowState, quota_remaining: int | None
+) -> list[tuple[bytes, bytes]]:
+    seconds = parse_limit(customer.rate_limit).get_expiry()
+    policy = f'"key";q={window.limit};w={seconds}'
+    # In-process windows count in slices, so their reset can pass the window by a fraction.
+    reset = min(seconds, math.ceil(window.reset_after))
+    state = f'"key";r={max(0, window.remaining)};t={reset}'
+    if customer.monthly_quota is not None:
+        policy += f', "quota";q={customer.monthly_quota}'
+        if quota_remaining is not None:
+            now = datetime.now(UTC)
+            until = math.ceil((next_month_start(now) - now).total_seconds())
+            state += f', "quota";r={quota_remaining};t={until}'
+    return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", state.encode())]
