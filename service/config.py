@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
     """Worker processes of `tenantserve serve`."""
 
+    shutdown_delay_s: float = Field(default=0, ge=0, le=300)
+    """After SIGTERM: seconds of serving with `/ready` at 503 before the drain starts."""
+
     @field_validator(
         "default_rate_limit", "signin_rate_limit", "signin_address_rate_limit", "auth_failure_limit"
     )

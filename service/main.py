@@ -29,6 +29,7 @@ from service.api.problems import install_error_handlers
 from service.api.routes import admin, audit, health, inference_v2, predict, signin, usage
 from service.changes import watch_changes
 from service.config import Settings, get_settings
+from service.drain import delay_shutdown
 from service.idempotency_store import make_store
 from service.limits.auth_failures import AuthFailures
 from service.limits.rate_limiter import RateLimiter
@@ -133,6 +134,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     resources = await asyncio.to_thread(_build_resources, settings)
     app.state.resources = resources
+    delay_shutdown(resources, settings.shutdown_delay_s)
     resources.usage.start()
     watcher = asyncio.create_task(watch_changes(resources), name="change-watcher")
     warmer = asyncio.create_task(_warm_previous_version(resources), name="model-warmer")

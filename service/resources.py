@@ -30,6 +30,8 @@ class Resources:
     passwords: PasswordHasher
     idempotency: IdempotencyStore
     auth_failures: AuthFailures
+    draining: bool = False
+    """Set on SIGTERM: readiness fails at once, serving goes on for the shutdown delay."""
     database_ok: bool = True
     """As last seen by the change watcher: False while the database is unreachable."""
 

@@ -67,7 +67,9 @@ async def readiness(resources: Resources) -> Readiness:
     # A version some tenant needs that this worker could not load: its tenants get 503.
     checks.update({f"model {v}": "refused" for v in resources.models.refused})
     strict_down = resources.settings.rate_limit_strict and not limiter_ok
-    status = "ready" if database and not strict_down else "not_ready"
+    if resources.draining:
+        checks["shutdown"] = "draining"
+    status = "ready" if database and not strict_down and not resources.draining else "not_ready"
     return Readiness(status=status, checks=checks)
 
 
