@@ -68,8 +68,9 @@ def start(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     ready_within: float = 180.0,
+    probe: str = "/health",
 ) -> Server:
-    """Start `command` and wait until `GET /health` answers 200; raises (and stops it) if not."""
+    """Start `command` and wait until `GET probe` answers 200; raises (and stops it) if not."""
     log_file = log_path.open("ab")
     process = subprocess.Popen(
         command,
@@ -87,13 +88,13 @@ def start(
             stop(server)
             raise RuntimeError(f"{name} exited with {process.returncode}: see {log_path}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{server.url}{probe}", timeout=1).status_code == 200:
                 return server
         except httpx.TransportError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     stop(server)
-    raise RuntimeError(f"{name} did not answer /health within {ready_within:.0f} s: see {log_path}")
+    raise RuntimeError(f"{name} did not answer {probe} within {ready_within:.0f} s: see {log_path}")
 
 
 def stop(server: Server, *, grace: float = 30.0) -> bool:
@@ -140,7 +141,9 @@ def tenantserve_env(
     return env
 
 
-def start_tenantserve(env: Mapping[str, str], *, log_path: Path, cwd: Path) -> Server:
+def start_tenantserve(
+    env: Mapping[str, str], *, log_path: Path, cwd: Path, probe: str = "/health"
+) -> Server:
     # cwd is a scratch folder: a developer's .env in the project must not change the figures.
     return start(
         "tenantserve",
@@ -149,6 +152,7 @@ def start_tenantserve(env: Mapping[str, str], *, log_path: Path, cwd: Path) -> S
         log_path=log_path,
         env=env,
         cwd=cwd,
+        probe=probe,
     )
 
 
@@ -165,6 +169,11 @@ def fresh_postgres_database(server_url: str, name: str) -> str:
         )
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (a server's workers and helpers), from /proc."""
+    return _tree(pid)[1:]
 
 
 def _tree(pid: int) -> list[int]:

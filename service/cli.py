@@ -11,9 +11,11 @@ import getpass
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,11 +26,12 @@ from service.config import Settings, get_settings
 from service.logging import configure_logging, stdlib_logging_config
 from service.main import ensure_bootstrap_admin, startup_version
 from service.serving.registry import (
+    ALGORITHMS,
     ModelError,
-    ensure_default_versions,
     list_versions,
-    load_artifact,
+    refuse_legacy_versions,
 )
+from service.serving.runtime import load_model
 from tenants import audit, repository
 from tenants.database import make_engine, unit_of_work, upgrade
 from tenants.errors import AppError
@@ -53,17 +56,45 @@ def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def _train_default_versions(model_dir: Path) -> list[str]:
+    """Train the defaults into an empty registry, in a child process.
+
+    Not here: with one worker this process is the worker, and it must never import scikit-learn.
+    """
+    if list_versions(model_dir):
+        return []
+    done = subprocess.run(  # noqa: S603 (this interpreter, our own module, no shell)
+        [sys.executable, "-m", "service.serving.training", str(model_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelError(
+            f"training the default versions into the empty registry {model_dir} failed "
+            f"({reason}); training needs the `tenantserve[train]` extra"
+        )
+    trained: list[str] = json.loads(done.stdout)
+    return trained
+
+
 def serve(_args: argparse.Namespace) -> None:
     settings = _settings()
     configure_logging(settings)
-    trained = ensure_default_versions(settings.model_dir)
+    try:
+        refuse_legacy_versions(settings.model_dir)
+        trained = _train_default_versions(settings.model_dir)
+    except ModelError as exc:
+        sys.exit(f"tenantserve: refusing to start: {exc}")
     engine = make_engine(settings.database_url)
     upgrade(engine)  # once, before any worker starts
     ensure_bootstrap_admin(engine, settings, settings.password_hasher())
     version = startup_version(engine, settings)
     engine.dispose()
     try:
-        load_artifact(settings.model_dir, version)  # a refused model stops here, in one line
+        # A refused model stops here, in one line, rather than in every worker's traceback.
+        load_model(settings.model_dir, version)
     except ModelError as exc:
         sys.exit(f"tenantserve: refusing to start: {exc}")
     metrics_dir = None
@@ -92,8 +123,8 @@ def serve(_args: argparse.Namespace) -> None:
         log_config=stdlib_logging_config(settings),
         access_log=False,
         timeout_graceful_shutdown=30,
-        # uvicorn's default of 5 s kills a worker still importing numpy and scikit-learn on a
-        # busy host; its replacement starts just as slowly, so the server never comes up.
+        # uvicorn's default of 5 s can kill a worker still importing its libraries on a busy
+        # host; its replacement starts just as slowly, so the server never comes up.
         timeout_worker_healthcheck=30,
         server_header=False,
         # Behind a trusted proxy `scope["client"]` is the real caller: failed authentications
@@ -106,18 +137,42 @@ def serve(_args: argparse.Namespace) -> None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def train(args: argparse.Namespace) -> None:
-    from service.serving.registry import train as train_version
+# NOTE: the model commands import training (scikit-learn) and importing (onnx) inside the
+# function, not at the top: every worker process imports this module, and must carry neither.
 
+
+def _model_command(action: Callable[[Path], Any]) -> None:
+    """Run a registry action and print its result; a refusal is one line, no traceback."""
     try:
-        manifest = train_version(_settings().model_dir, args.version, args.algorithm)
+        _print(action(_settings().model_dir))
     except ModelError as exc:
         sys.exit(f"tenantserve: {exc}")
-    _print(manifest.public())
+
+
+def train(args: argparse.Namespace) -> None:
+    from service.serving.training import train as train_version
+
+    _model_command(lambda models: train_version(models, args.version, args.algorithm).public())
+
+
+def import_onnx(args: argparse.Namespace) -> None:
+    from service.serving.importing import import_model
+
+    _model_command(lambda models: import_model(models, Path(args.file), args.version).public())
+
+
+def upgrade_models(_args: argparse.Namespace) -> None:
+    from service.serving.training import upgrade_legacy_versions
+
+    _model_command(lambda models: {"upgraded": upgrade_legacy_versions(models)})
 
 
 def list_models(_args: argparse.Namespace) -> None:
-    _print([m.public() for m in list_versions(_settings().model_dir)])
+    def listing(models: Path) -> list[dict[str, Any]]:
+        refuse_legacy_versions(models)
+        return [m.public() for m in list_versions(models)]
+
+    _model_command(listing)
 
 
 def db_upgrade(_args: argparse.Namespace) -> None:
@@ -254,8 +309,18 @@ def _parser() -> argparse.ArgumentParser:
     models = group("models", "Model versions in TENANTSERVE_MODEL_DIR.")
     train_cmd = command(models, "train", train, "Train a version on scikit-learn's iris data.")
     train_cmd.add_argument("--version", required=True)
-    train_cmd.add_argument("--algorithm", choices=["logreg", "forest"], default="logreg")
+    train_cmd.add_argument("--algorithm", choices=ALGORITHMS, default="logreg")
     command(models, "list", list_models, "List the versions.")
+    imported = command(
+        models, "import", import_onnx,
+        "Add an ONNX classifier trained elsewhere: float input [N, 4], probabilities [N, 3].",
+    )  # fmt: skip
+    imported.add_argument("file", metavar="FILE.onnx")
+    imported.add_argument("--version", required=True)
+    command(
+        models, "upgrade", upgrade_models,
+        "Retrain the skops versions of an earlier release as ONNX, same names.",
+    )  # fmt: skip
 
     db = group("db", "The database schema.")
     command(db, "upgrade", db_upgrade, "Apply the schema migrations.")

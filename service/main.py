@@ -37,7 +37,7 @@ from service.logging import configure_logging
 from service.resources import Resources
 from service.serving import routes as model_routes
 from service.serving.batcher import MicroBatcher
-from service.serving.models import ModelHolder
+from service.serving.holder import ModelHolder
 from service.serving.registry import ModelError, list_versions, newest_version, read_manifest
 from service.telemetry import telemetry_config
 from tenants.database import make_engine, unit_of_work, upgrade
@@ -86,7 +86,12 @@ def _build_resources(settings: Settings) -> Resources:
     passwords = settings.password_hasher()
     ensure_bootstrap_admin(engine, settings, passwords)
     version = startup_version(engine, settings)
-    models = ModelHolder.load(settings.model_dir, version, max_loaded=settings.model_max_loaded)
+    models = ModelHolder.load(
+        settings.model_dir,
+        version,
+        max_loaded=settings.model_max_loaded,
+        intra_op_threads=settings.model_intra_op_threads,
+    )
     with unit_of_work(engine) as session:
         legacy_ids = unrevoked_key_ids(session)
     resources = Resources(

@@ -14,7 +14,7 @@ from service.idempotency_store import IdempotencyStore
 from service.limits.auth_failures import AuthFailures
 from service.limits.rate_limiter import RateLimiter
 from service.serving.batcher import MicroBatcher
-from service.serving.models import ModelHolder
+from service.serving.holder import ModelHolder
 from tenants.usage.recorder import UsageRecorder
 
 

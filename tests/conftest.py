@@ -28,7 +28,7 @@ from sqlalchemy import text
 
 from service.config import Settings
 from service.main import create_app
-from service.serving.registry import ensure_default_versions
+from service.serving.training import ensure_default_versions
 from tenants.database import make_engine, upgrade
 
 PG_ADMIN_DSN = os.environ.get(

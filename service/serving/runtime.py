@@ -1,21 +1,26 @@
-"""A loaded model version: one `predict_proba` over a 2-D float array, swapped atomically."""
+"""A loaded model version: an ONNX Runtime session behind one `predict_proba`, swapped atomically.
+
+A worker needs nothing else to serve: no scikit-learn, no scipy, no unpickling. The graph is
+checked against the iris contract (one float input [N, 4], probabilities [N, 3]) when the
+session is made, so a version that would fail on its first request is refused at load instead.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sklearn
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.linear_model import LogisticRegression
+import onnxruntime as ort
 
-from service.serving.registry import CLASSES, Manifest, load_artifact
+from service.serving.registry import CLASSES, FEATURES, Manifest, ModelError, read_artifact
 
 ProbaFn = Callable[[np.ndarray], np.ndarray]
+PROBABILITIES = "probabilities"  # the output's name when a converter gives several
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,73 +33,104 @@ class LoadedModel:
         return self.manifest.version
 
 
-def _linear_softmax(weights: np.ndarray, bias: np.ndarray) -> ProbaFn:
-    """The multinomial logistic regression's maths in numpy.
+class OnnxClassifier:
+    """An ONNX graph that answers the iris contract, in one ONNX Runtime session."""
 
-    NOTE: scikit-learn's `predict_proba` spends ~90 µs a call validating its input, the maths
-    takes ~3 µs. Summing feature by feature (not a BLAS matmul) keeps every row's result
-    bit-identical whatever the batch it travels in.
-    """
+    def __init__(self, artifact: bytes, *, intra_op_threads: int = 1) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1  # nodes run one after another: these graphs are chains
+        options.log_severity_level = 3  # errors only: its warnings are not JSON log lines
+        if intra_op_threads > 1:
+            # Waiting pool threads would otherwise spin, taking CPU from the other workers.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(
+                artifact, options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ONNX Runtime's error types derive from Exception directly
+            raise ModelError(f"not a usable ONNX model: {error_text(exc)}") from None
+        self.input_name = _contract_input(self._session.get_inputs())
+        self.output_name = _contract_output(self._session.get_outputs())
 
-    def predict_proba(rows: np.ndarray) -> np.ndarray:
-        logits = np.broadcast_to(bias, (rows.shape[0], bias.shape[0])).copy()
-        for j in range(rows.shape[1]):
-            logits += rows[:, j, None] * weights[None, :, j]
-        logits -= logits.max(axis=1, keepdims=True)
-        np.exp(logits, out=logits)
-        logits /= logits.sum(axis=1, keepdims=True)
-        return logits
+    def raw(self, rows: np.ndarray) -> np.ndarray:
+        """The graph's own answer for `rows`: float32, one row of probabilities per row."""
+        features = np.asarray(rows, dtype=np.float32)
+        if len(features) == 1:
+            # NOTE: ONNX Runtime computes a single row of a linear model with a GEMV kernel whose
+            # last bit differs from the GEMM kernel every larger call takes. Two copies take the
+            # GEMM path, so an answer never depends on the company it travelled in.
+            return self._run(np.repeat(features, 2, axis=0))[:1]
+        return self._run(features)
 
-    return predict_proba
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities in float64, each row summing to 1 (float32 sums are off by ~1e-7)."""
+        proba = self.raw(rows).astype(np.float64)
+        proba /= proba.sum(axis=1, keepdims=True)
+        return proba
 
-
-def _forest_proba(forest: RandomForestClassifier) -> ProbaFn:
-    """The random forest's average of tree probabilities, tree by tree, as scikit-learn does.
-
-    NOTE: scikit-learn's `predict_proba` validates the input again for every tree and hands
-    each tree to joblib: ~4 ms a call for 100 trees, whatever the rows. Calling the compiled
-    trees directly costs a tenth of that; the sums run in scikit-learn's order, so the answers
-    are the same to the last bit.
-    """
-    trees = [estimator.tree_ for estimator in forest.estimators_]
-    n_classes = int(forest.n_classes_)
-
-    def predict_proba(rows: np.ndarray) -> np.ndarray:
-        features = np.ascontiguousarray(rows, dtype=np.float32)  # the trees' own dtype
-        total = np.zeros((rows.shape[0], n_classes), dtype=np.float64)
-        for tree in trees:
-            proba = tree.predict(features)[:, :n_classes]
-            normalizer = proba.sum(axis=1)[:, np.newaxis]
-            normalizer[normalizer == 0.0] = 1.0
-            total += proba / normalizer
-        total /= len(trees)
-        return total
-
-    return predict_proba
+    def _run(self, features: np.ndarray) -> np.ndarray:
+        outputs = self._session.run([self.output_name], {self.input_name: features})
+        return np.asarray(outputs[0])
 
 
-def _sklearn_proba(estimator: Any) -> ProbaFn:
-    def predict_proba(rows: np.ndarray) -> np.ndarray:
-        # Rows were validated finite on the way in; skip scikit-learn's second check.
-        with sklearn.config_context(assume_finite=True):
-            return np.asarray(estimator.predict_proba(rows))
+def _contract_input(inputs: Sequence[Any]) -> str:
+    if len(inputs) != 1:
+        raise ModelError(f"the model has {len(inputs)} inputs; the contract is one: float [N, 4]")
+    (tensor,) = inputs
+    if tensor.type != "tensor(float)":
+        raise ModelError(f"input {tensor.name!r} is {tensor.type}; the contract is tensor(float)")
+    shape = list(tensor.shape)
+    if len(shape) != 2 or isinstance(shape[0], int) or shape[1] != len(FEATURES):
+        raise ModelError(
+            f"input {tensor.name!r} has shape {_shape(shape)}; the contract is [N, "
+            f"{len(FEATURES)}] with a dynamic N"
+        )
+    return str(tensor.name)
 
-    return predict_proba
 
-
-# NOTE: one load at a time in a process. skops reads numpy headers with `ast.literal_eval`,
-# and CPython 3.11.7's AST constructor is not thread-safe ("AST constructor recursion depth
-# mismatch" when two threads parse at once), e.g. an activation during the start-up preload.
-_LOADING = threading.Lock()
-
-
-def load_model(model_dir: Path, version: str) -> LoadedModel:
-    with _LOADING:
-        manifest, estimator = load_artifact(model_dir, version)
-    if isinstance(estimator, LogisticRegression) and estimator.coef_.shape[0] == len(CLASSES):
-        fn = _linear_softmax(estimator.coef_.astype(np.float64), estimator.intercept_)
-    elif isinstance(estimator, RandomForestClassifier) and estimator.n_outputs_ == 1:
-        fn = _forest_proba(estimator)
+def _contract_output(outputs: Sequence[Any]) -> str:
+    tables = [o for o in outputs if o.type == "tensor(float)" and len(o.shape) == 2]
+    named = [o for o in tables if o.name == PROBABILITIES]
+    if len(named) == 1 or len(tables) == 1:
+        (tensor,) = named or tables
     else:
-        fn = _sklearn_proba(estimator)
-    return LoadedModel(manifest=manifest, predict_proba=fn)
+        found = ", ".join(f"{o.name!r} {o.type} {_shape(list(o.shape))}" for o in outputs)
+        raise ModelError(
+            f"no single float output of probabilities [N, {len(CLASSES)}] (outputs: {found}); "
+            "export classifiers without a ZipMap"
+        )
+    width = tensor.shape[1]
+    if isinstance(width, int) and width != len(CLASSES):
+        raise ModelError(
+            f"output {tensor.name!r} has shape {_shape(list(tensor.shape))}; "
+            f"the contract is [N, {len(CLASSES)}] ({', '.join(CLASSES)})"
+        )
+    return str(tensor.name)
+
+
+def _shape(shape: list[Any]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def error_text(exc: Exception) -> str:
+    """ONNX Runtime's message on one line, without its error-code prefix."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return _ORT_PREFIX.sub("", lines[0])
+
+
+def load_model(model_dir: Path, version: str, *, intra_op_threads: int = 1) -> LoadedModel:
+    """The version's verified artifact (sha256 before parsing) in a session of its own."""
+    manifest, artifact = read_artifact(model_dir, version)
+    if manifest.classes != list(CLASSES) or manifest.features != list(FEATURES):
+        raise ModelError(f"model version {version!r} does not follow the iris contract")
+    try:
+        classifier = OnnxClassifier(artifact, intra_op_threads=intra_op_threads)
+    except ModelError as exc:
+        raise ModelError(f"model version {version!r}: {exc}") from None
+    if (classifier.input_name, classifier.output_name) != (
+        manifest.input_name,
+        manifest.output_name,
+    ):
+        raise ModelError(f"model version {version!r} has other inputs or outputs than its manifest")
+    return LoadedModel(manifest=manifest, predict_proba=classifier.predict_proba)

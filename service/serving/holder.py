@@ -26,9 +26,12 @@ log = structlog.get_logger("tenantserve.models")
 
 
 class ModelHolder:
-    def __init__(self, model_dir: Path, initial: LoadedModel, *, max_loaded: int) -> None:
+    def __init__(
+        self, model_dir: Path, initial: LoadedModel, *, max_loaded: int, intra_op_threads: int
+    ) -> None:
         self._model_dir = model_dir
         self._max_loaded = max(2, max_loaded)
+        self._intra_op_threads = intra_op_threads
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict({initial.version: initial})
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self.platform = PlatformVersions(active=initial.version)
@@ -37,9 +40,12 @@ class ModelHolder:
         metrics.model_served(initial.manifest.version, initial.manifest.algorithm)
 
     @classmethod
-    def load(cls, model_dir: Path, version: str, *, max_loaded: int) -> ModelHolder:
+    def load(
+        cls, model_dir: Path, version: str, *, max_loaded: int, intra_op_threads: int
+    ) -> ModelHolder:
         try:
-            return cls(model_dir, load_model(model_dir, version), max_loaded=max_loaded)
+            model = load_model(model_dir, version, intra_op_threads=intra_op_threads)
+            return cls(model_dir, model, max_loaded=max_loaded, intra_op_threads=intra_op_threads)
         except ModelError as exc:
             # One plain line before uvicorn's traceback: why this worker will not start.
             log.error("model_refused", model_version=version, error=str(exc))
@@ -77,7 +83,9 @@ class ModelHolder:
             pending = asyncio.get_running_loop().create_future()
             self._loading[version] = pending
             try:
-                model = await asyncio.to_thread(load_model, self._model_dir, version)
+                model = await asyncio.to_thread(
+                    load_model, self._model_dir, version, intra_op_threads=self._intra_op_threads
+                )
             except (ModelError, OSError) as exc:
                 self.refused[version] = str(exc)
                 log.error("model_refused", model_version=version, error=str(exc))
