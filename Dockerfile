@@ -4,12 +4,12 @@
 #     -e TENANTSERVE_JWT_SECRET=... -e TENANTSERVE_API_KEY_PEPPER=... tenantserve
 # SQLite lives in /app/data (mount a volume there), or point TENANTSERVE_DATABASE_URL at PostgreSQL.
 
-# --- build: a wheel of the project and of every dependency; no compilers reach the image ---
+# --- build: wheels of the project and its dependencies, and the default model versions ---
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md requirements.lock ./
+COPY pyproject.toml README.md requirements.lock requirements-train.lock ./
 COPY service/ service/
 COPY auth/ auth/
 COPY tenants/ tenants/
@@ -17,8 +17,12 @@ COPY tenants/ tenants/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.lock \
     && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && cp requirements.lock /wheels/
+# Trained here, with the [train] extra's locked scikit-learn and skl2onnx, and checked against
+# ONNX Runtime: the runtime stage gets the ONNX registry and never installs them.
+RUN pip install --no-cache-dir -r requirements-train.lock \
+    && python -m service.serving.training /models
 
-# --- runtime: the wheels installed, the model versions trained, a non-root user ---
+# --- runtime: the wheels installed, the model registry copied in, a non-root user ---
 FROM python:3.11-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -36,10 +40,14 @@ WORKDIR /app
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels \
         -r /wheels/requirements.lock /wheels/tenantserve-*.whl
-# Trained at build time, owned by root: the server reads its models and cannot change them.
+# Owned by root: the server reads its models and cannot change them.
+COPY --from=build /models /app/models
+# Every version loads here as in a worker (sha256, contract), or the build fails.
 RUN python -c "import os, pathlib; \
-from service.serving.registry import ensure_default_versions; \
-print(ensure_default_versions(pathlib.Path(os.environ['TENANTSERVE_MODEL_DIR'])))" \
+from service.serving.registry import list_versions; \
+from service.serving.runtime import load_model; \
+registry = pathlib.Path(os.environ['TENANTSERVE_MODEL_DIR']); \
+print([load_model(registry, m.version).version for m in list_versions(registry)])" \
     && mkdir /app/data \
     && chown tenantserve:tenantserve /app/data
 USER 10001:10001

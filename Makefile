@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # Every install takes its versions from the locks: requirements.lock (what the service runs on,
-# also the image's) and requirements-dev.lock (that plus the tools, same versions). `make lock`
-# re-resolves both from pyproject.toml, newest versions allowed.
+# also the image's), requirements-train.lock (that plus the [train] extra: the image's build
+# stage) and requirements-dev.lock (all that plus the tools, same versions). `make lock`
+# re-resolves them from pyproject.toml, newest versions allowed.
 LOCK := requirements.lock
+TRAIN_LOCK := requirements-train.lock
 DEV_LOCK := requirements-dev.lock
 COMPILE := $(BIN)/uv pip compile pyproject.toml --python-version 3.11 --quiet --no-header
 
@@ -25,7 +27,8 @@ $(STAMP): $(LOCK) $(DEV_LOCK) pyproject.toml
 
 lock: $(STAMP)
 	$(COMPILE) --upgrade -o $(LOCK)
-	$(COMPILE) --extra dev --constraint $(LOCK) -o $(DEV_LOCK)
+	$(COMPILE) --extra train --constraint $(LOCK) -o $(TRAIN_LOCK)
+	$(COMPILE) --extra dev --constraint $(TRAIN_LOCK) -o $(DEV_LOCK)
 
 $(TOOLS_STAMP): deploy/tools-requirements.txt
 	$(PYTHON) -m venv $(TOOLS)
