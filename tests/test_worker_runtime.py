@@ -34,7 +34,7 @@ def test_a_worker_predicts_with_both_versions_without_scikit_learn_or_scipy(
     env = {
         "TENANTSERVE_DATABASE_URL": f"sqlite:///{tmp_path / 'tenantserve.db'}",
         "TENANTSERVE_MODEL_DIR": str(model_dir),
-        "TENANTSERVE_USAGE_SPILL_DIR": str(tmp_path / "spill"),
+        "TENANTSERVE_USAGE_JOURNAL_DIR": str(tmp_path / "journal"),
     }
     with live_server(env, tmp_path / "server.log") as server, server.client() as client:
         customer = new_customer(client)
