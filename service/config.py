@@ -75,6 +75,7 @@ class Settings(BaseSettings):
 
     model_max_loaded: int = Field(default=4, ge=2, le=64)
     """Most model versions one worker keeps loaded (active, rollout, pins, the previous one)."""
+
     model_intra_op_threads: int = Field(default=1, ge=1, le=64)
     """ONNX Runtime threads per model call in each worker (1: workers, not threads, use cores)."""
 

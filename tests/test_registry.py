@@ -210,12 +210,17 @@ def test_a_tampered_artifact_is_refused_at_load(tampered_registry: Path) -> None
     assert load_model(tampered_registry, "v2-logreg").version == "v2-logreg"
 
 
+def record_sha256(registry: Path, version: str, artifact: bytes) -> None:
+    """Write `artifact`'s sha256 into the version's manifest, as a forger would."""
+    manifest_path = registry / version / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sha256"] = hashlib.sha256(artifact).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+
 def test_a_manifest_with_the_wrong_sha256_is_refused(model_dir: Path, tmp_path: Path) -> None:
     registry = copy_registry(model_dir, tmp_path)
-    manifest_path = registry / "v2-logreg" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["sha256"] = hashlib.sha256(b"another artifact").hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
+    record_sha256(registry, "v2-logreg", b"another artifact")
     with pytest.raises(ModelError, match=r"'v2-logreg'.*sha256"):
         load_model(registry, "v2-logreg")
 
@@ -227,10 +232,7 @@ def test_a_file_that_is_not_onnx_is_refused_even_with_a_matching_sha256(
     registry = copy_registry(model_dir, tmp_path)
     garbage = b"MZ\x90\x00 this is no ONNX graph " * 50
     (registry / "v2-logreg" / "model.onnx").write_bytes(garbage)
-    manifest_path = registry / "v2-logreg" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["sha256"] = hashlib.sha256(garbage).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
+    record_sha256(registry, "v2-logreg", garbage)
     with pytest.raises(ModelError, match=r"'v2-logreg'.*not a usable ONNX model"):
         load_model(registry, "v2-logreg")
 
