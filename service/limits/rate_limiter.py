@@ -144,8 +144,9 @@ class _LocalWindow:
             else:
                 slices.append([start, 1.0])
             self.hits += 1
+        # At most a window, as in Redis: the oldest hit arrived by now, wherever its slice ends.
         reset = slices[0][0] + self.slice_length + window - now if slices else 0.0
-        return WindowState(allowed, limit, limit - self.hits, max(0.0, reset))
+        return WindowState(allowed, limit, limit - self.hits, min(window, max(0.0, reset)))
 
 
 class _LocalStore:
