@@ -109,7 +109,11 @@ class Settings(BaseSettings):
     """How long an answer to a request with an `Idempotency-Key` is kept for its retries."""
 
     state_poll_interval_ms: int = Field(default=250, ge=50, le=1000)
-    """How often each worker checks for revocations, limit changes and model switches."""
+    """How often each worker checks for revocations, limit changes and model switches when
+    nothing pushes them: on SQLite, and on PostgreSQL while the `LISTEN` connection is down."""
+
+    state_safety_poll_s: float = Field(default=5.0, ge=0.5, le=60)
+    """On PostgreSQL, how often each worker checks anyway while `LISTEN` hears the changes."""
 
     signin_rate_limit: str = "10/minute"
     """Sign-in attempts allowed per username (each lock-out is audited)."""

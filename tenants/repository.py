@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
 from auth import keys
+from tenants.change_feed import announce
 from tenants.errors import Conflict, NotFound, ValidationFailed
 from tenants.schemas import KeyCreate, KeyPublic, TenantCreate, TenantUpdate, UserCreate
 from tenants.tables import ApiKey, PlatformControl, Tenant, User, utcnow
@@ -45,6 +46,7 @@ def bump_auth_epoch(session: Session) -> None:
         .where(col(PlatformControl.id) == 1)
         .values(auth_epoch=PlatformControl.auth_epoch + 1)
     )
+    announce(session)
 
 
 # Tenants
@@ -262,6 +264,7 @@ def set_active_model(session: Session, version: str) -> None:
         .where(col(PlatformControl.id) == 1)
         .values(active_model_version=version, rollout_version=None, rollout_percent=0)
     )
+    announce(session)
 
 
 def set_rollout(session: Session, version: str, percent: int) -> None:
@@ -271,6 +274,7 @@ def set_rollout(session: Session, version: str, percent: int) -> None:
         .where(col(PlatformControl.id) == 1)
         .values(rollout_version=version if percent else None, rollout_percent=percent)
     )
+    announce(session)
 
 
 def pinned_versions(session: Session) -> set[str]:
