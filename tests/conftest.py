@@ -241,9 +241,11 @@ def live_server(
     *,
     workers: int = 1,
     command: Sequence[str] = ("-m", "service", "serve"),
+    port: int | None = None,
 ) -> Iterator[LiveServer]:
-    """`tenantserve serve` with these settings on a free loopback port, until the block ends."""
-    port = free_port()
+    """`tenantserve serve` with these settings on a loopback port (by default a free one),
+    until the block ends."""
+    port = port or free_port()
     full_env = {
         key: value for key, value in os.environ.items() if not key.startswith("TENANTSERVE_")
     }
