@@ -11,6 +11,7 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from importlib import metadata
 
 import structlog
 from fastapi import FastAPI
@@ -190,7 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings)
     app = TenantServe(
         title="tenantserve",
-        version="0.1.0",
+        version=metadata.version("tenantserve"),  # pyproject.toml's, as installed
         summary="A secured, multi-tenant prediction API for the iris classifier.",
         lifespan=lifespan,
         telemetry=telemetry_config(settings),

@@ -15,7 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,38 +201,39 @@ def load_until(url: str, customer: Customer, result: LoadResult, done: threading
             result.record(request_id, response.status_code if ours else None)
 
 
-@dataclass
-class Load:
-    result: LoadResult = field(default_factory=LoadResult)
-    done: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self, url: str, customer: Customer, clients: int = 4) -> None:
-        for _ in range(clients):
-            thread = threading.Thread(
-                target=load_until, args=(url, customer, self.result, self.done)
-            )
-            thread.start()
-            self.threads.append(thread)
-        wait_for(lambda: len(self.result.answered) >= 50, within=30)
-
-    def stop(self) -> None:
-        self.done.set()
-        for thread in self.threads:
+@contextmanager
+def under_load(cluster: Cluster, rate_limit: str, clients: int = 4) -> Iterator[Load]:
+    """A new customer's predictions from `clients` threads through the balancer, for the block."""
+    with httpx.Client(base_url=cluster.url, timeout=10) as client:
+        customer = new_customer(client, rate_limit=rate_limit)
+    load = Load(customer)
+    threads = [
+        threading.Thread(target=load_until, args=(cluster.url, customer, load.result, load.done))
+        for _ in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(load.result.answered) >= 50, within=30)
+        yield load
+    finally:
+        load.done.set()
+        for thread in threads:
             thread.join(timeout=30)
 
 
+@dataclass
+class Load:
+    customer: Customer
+    result: LoadResult = field(default_factory=LoadResult)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 def test_sigterm_of_one_instance_under_load_fails_no_request(cluster: Cluster) -> None:
-    with httpx.Client(base_url=cluster.url, timeout=10) as client:
-        customer = new_customer(client, rate_limit="1000000/minute")
-    load = Load()
-    load.start(cluster.url, customer)
     leaving = cluster.instances[1]
-    try:
+    with under_load(cluster, "1000000/minute") as load:
         assert leaving.stop() == 0  # SIGTERM: /ready 503, serve on for the delay, then drain
         time.sleep(0.5)  # and the balancer still answers everything with the other instance
-    finally:
-        load.stop()
     assert len(load.result.sent) > 100
     assert Counter(load.result.answered.values()) == {200: len(load.result.sent)}
     assert served_predictions(leaving) > 0
@@ -240,42 +241,32 @@ def test_sigterm_of_one_instance_under_load_fails_no_request(cluster: Cluster) -
 
 
 def test_sigkill_of_one_instance_loses_no_usage_record(cluster: Cluster) -> None:
-    with httpx.Client(base_url=cluster.url, timeout=10) as client:
-        customer = new_customer(client, rate_limit="1000000/minute")
-    load = Load()
-    load.start(cluster.url, customer)
     killed = cluster.instances[1]
-    try:
+    with under_load(cluster, "1000000/minute") as load:
         wait_for(lambda: served_predictions(killed) >= 20, within=10)
         os.killpg(killed.process.pid, signal.SIGKILL)
         killed.process.wait()
         time.sleep(1.0)
-    finally:
-        load.stop()
     answered = Counter(load.result.answered.values())
     assert set(answered) == {200} and answered[200] > 100
     cluster.start(1)  # replays what the killed workers journalled
     with httpx.Client(base_url=cluster.url, timeout=10) as client:
         token = admin_token(client)
+        tenant_id = load.customer.tenant["id"]
 
         def recorded() -> list[dict[str, Any]]:
-            return all_records(client, token, tenant_id=customer.tenant["id"])
+            return all_records(client, token, tenant_id=tenant_id)
 
-        wait_for(
-            lambda: {r["request_id"] for r in recorded()} >= set(load.result.answered), within=10
-        )
+        answered_ids = set(load.result.answered)
+        wait_for(lambda: {r["request_id"] for r in recorded()} >= answered_ids, within=10)
         assert_recorded_once(recorded(), load.result)
 
 
 def test_a_high_limit_keeps_its_redis_window_bounded(cluster: Cluster) -> None:
-    with httpx.Client(base_url=cluster.url, timeout=10) as client:
-        customer = new_customer(client, rate_limit="1000000/second")
-    load = Load()
-    load.start(cluster.url, customer)
-    time.sleep(1.5)  # more hits than the window has slices, spread over more than a window
-    load.stop()
+    with under_load(cluster, "1000000/second") as load:
+        time.sleep(1.5)  # more hits than the window has slices, spread over more than a window
     store = redis.Redis.from_url(REDIS_URL)
-    (window,) = list(store.scan_iter(f"tenantserve:rlh:*{customer.key['id']}*"))
+    (window,) = list(store.scan_iter(f"tenantserve:rlh:*{load.customer.key['id']}*"))
     # At most 200 slices and the two bookkeeping fields, whatever the limit and the hits.
     assert len(load.result.answered) > 200
     assert store.hlen(window) <= 202

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from service.api.dependencies import AdminCaller, DbSession, ResourcesDep
@@ -34,6 +36,15 @@ router = APIRouter(
     tags=["admin"],
     responses=error_responses(MissingCredentials, InvalidCredentials, Forbidden, NotFound),
 )
+# Activation and rollout: platform admins only, idempotent, answered with the versions now served.
+_CHANGES_VERSIONS: dict[str, Any] = {
+    "response_model": ModelsPublic,
+    "responses": error_responses(
+        Conflict, ValidationFailed, IdempotencyConflict, IdempotencyMismatch
+    ),
+    "dependencies": [AdminIdempotent],
+    "openapi_extra": openapi_extra(200),
+}
 
 
 def _models_public(resources: Resources) -> ModelsPublic:
@@ -58,13 +69,7 @@ async def list_models(staff: AdminCaller, resources: ResourcesDep) -> ModelsPubl
     return _models_public(resources)
 
 
-@router.post(
-    "/{version}/activate",
-    response_model=ModelsPublic,
-    responses=error_responses(Conflict, ValidationFailed, IdempotencyConflict, IdempotencyMismatch),
-    dependencies=[AdminIdempotent],
-    openapi_extra=openapi_extra(200),
-)
+@router.post("/{version}/activate", **_CHANGES_VERSIONS)
 async def activate_model(
     request: Request,
     version: str,
@@ -80,13 +85,7 @@ async def activate_model(
     return _models_public(resources)
 
 
-@router.post(
-    "/{version}/rollout",
-    response_model=ModelsPublic,
-    responses=error_responses(Conflict, ValidationFailed, IdempotencyConflict, IdempotencyMismatch),
-    dependencies=[AdminIdempotent],
-    openapi_extra=openapi_extra(200),
-)
+@router.post("/{version}/rollout", **_CHANGES_VERSIONS)
 async def roll_out_model(
     request: Request,
     version: str,
