@@ -13,6 +13,7 @@ from pydantic import (
     StringConstraints,
     field_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from auth.passwords import MIN_PASSWORD_LENGTH
 from auth.principals import ALL_SCOPES, Role, Scope
@@ -51,15 +52,17 @@ class TenantCreate(Strict):
 
 
 class TenantUpdate(Strict):
-    name: Name | None = None
-    rate_limit: RateLimitText | None = None
-    max_batch_size: BatchCap | None = None
-    monthly_quota: MonthlyQuota | None = None
-    status: Literal["active", "suspended"] | None = None
+    # Absent means unchanged; null is refused where it means nothing (the repository says so),
+    # and the document shows no null there: SkipJsonSchema keeps it out of the schema only.
+    name: Name | SkipJsonSchema[None] = None
+    rate_limit: RateLimitText | SkipJsonSchema[None] = None
+    max_batch_size: BatchCap | SkipJsonSchema[None] = None
+    monthly_quota: MonthlyQuota | None = Field(default=None, description="null: no quota")
+    status: Literal["active", "suspended"] | SkipJsonSchema[None] = None
     model_version: ModelVersionName | None = Field(
         default=None, description="pin a registered version; null follows the platform"
     )
-    allow_version_choice: bool | None = None
+    allow_version_choice: bool | SkipJsonSchema[None] = None
 
 
 class TenantPublic(BaseModel):
