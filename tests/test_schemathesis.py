@@ -10,6 +10,7 @@ the customer's, whose key must keep working. Bounded by examples per operation, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import uuid
@@ -20,10 +21,10 @@ from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis.specs.openapi import checks
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.specs.openapi import checks
 
 from tests.conftest import admin_token, bearer, create_tenant, issue_key, live_server, new_customer
 
@@ -114,10 +115,9 @@ def _check_operation(operation: Any, mode: GenerationMode, target: Target) -> No
         if mode is GenerationMode.POSITIVE:
             _accepts_valid_data(response, case)
 
-    try:
+    # Unsatisfiable: an operation without parameters or body has no invalid input to send.
+    with contextlib.suppress(Unsatisfiable):
         run()
-    except Unsatisfiable:
-        pass  # nothing to break: an operation without parameters or body has no invalid input
 
 
 def test_every_operation_keeps_its_contract(target: Target) -> None:
