@@ -34,7 +34,7 @@ from tenants import audit
 from tenants.database import unit_of_work
 from tenants.errors import InvalidCredentials, RateLimited, ValidationFailed
 from tenants.repository import find_user
-from tenants.schemas import TokenResponse
+from tenants.schemas import NO_NUL, TokenResponse
 
 
 def address_limiter(settings: Settings) -> Limiter:
@@ -68,7 +68,7 @@ class SignInForm(OAuth2PasswordRequestForm):
     def __init__(
         self,
         *,
-        username: Annotated[str, Form(min_length=1)],
+        username: Annotated[str, Form(min_length=1, pattern=NO_NUL)],
         password: Annotated[str, Form(min_length=1, json_schema_extra={"format": "password"})],
         scope: Annotated[str, Form()] = "",
     ) -> None:

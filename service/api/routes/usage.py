@@ -18,6 +18,7 @@ from tenants.errors import (
     RateLimited,
     ValidationFailed,
 )
+from tenants.schemas import UtcMoment
 from tenants.usage.queries import UsageFilter, predictions_since, totals
 from tenants.usage.records import month_start
 
@@ -65,9 +66,9 @@ def own_usage(
     customer: Annotated[Customer, Depends(_own_writes_written)],
     session: DbSession,
     start: Annotated[
-        datetime | None, Query(alias="from", description="default: month start")
+        UtcMoment | None, Query(alias="from", description="default: month start")
     ] = None,
-    end: Annotated[datetime | None, Query(alias="to")] = None,
+    end: Annotated[UtcMoment | None, Query(alias="to")] = None,
 ) -> TenantUsage:
     this_month = month_start(datetime.now(UTC))
     period = UsageFilter(tenant_id=customer.tenant_id, start=start or this_month, end=end)
