@@ -13,6 +13,7 @@ from pydantic import (
     StringConstraints,
     field_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from auth.passwords import MIN_PASSWORD_LENGTH
 from auth.principals import ALL_SCOPES, Role, Scope
@@ -36,7 +37,37 @@ ModelVersionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-
 INT32_MAX = 2_147_483_647
 MonthlyQuota = Annotated[int, Field(ge=0, le=INT32_MAX, description="predictions per month")]
 BatchCap = Annotated[int, Field(ge=1, le=100_000)]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# PostgreSQL text holds no NUL character, so none is accepted anywhere (SQLite would take it).
+NO_NUL = r"^[^\x00]*$"
+Name = Annotated[
+    str,
+    # The pattern says what stripping leaves: one character that is neither space nor NUL.
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=100, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$"
+    ),
+]
+Username = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True,
+        min_length=3,
+        max_length=100,
+        pattern=r"^\s*[^\s\x00][^\x00]+[^\s\x00]\s*$",  # three characters once stripped
+    ),
+]
+
+
+def _in_utc(moment: datetime) -> datetime:
+    """A zone-less time is read as UTC; a moment outside UTC's years 1-9999 is refused, for
+    no column can store it (`0001-01-01T00:00:00+01:00` is in the year 0 in UTC)."""
+    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    try:
+        return aware.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("outside the years 1 to 9999 once in UTC") from None
+
+
+UtcMoment = Annotated[datetime, AfterValidator(_in_utc)]
 
 
 class Strict(BaseModel):
@@ -51,15 +82,17 @@ class TenantCreate(Strict):
 
 
 class TenantUpdate(Strict):
-    name: Name | None = None
-    rate_limit: RateLimitText | None = None
-    max_batch_size: BatchCap | None = None
-    monthly_quota: MonthlyQuota | None = None
-    status: Literal["active", "suspended"] | None = None
+    # Absent means unchanged; null is refused where it means nothing (the repository says so),
+    # and the document shows no null there: SkipJsonSchema keeps it out of the schema only.
+    name: Name | SkipJsonSchema[None] = None
+    rate_limit: RateLimitText | SkipJsonSchema[None] = None
+    max_batch_size: BatchCap | SkipJsonSchema[None] = None
+    monthly_quota: MonthlyQuota | None = Field(default=None, description="null: no quota")
+    status: Literal["active", "suspended"] | SkipJsonSchema[None] = None
     model_version: ModelVersionName | None = Field(
         default=None, description="pin a registered version; null follows the platform"
     )
-    allow_version_choice: bool | None = None
+    allow_version_choice: bool | SkipJsonSchema[None] = None
 
 
 class TenantPublic(BaseModel):
@@ -78,15 +111,13 @@ class KeyCreate(Strict):
     name: Name
     scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES), min_length=1)
     rate_limit: RateLimitText | None = None
-    expires_at: datetime | None = None
+    expires_at: UtcMoment | None = None
 
     @field_validator("expires_at")
     @classmethod
     def _aware_future(cls, value: datetime | None) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
         if value <= datetime.now(UTC):
             raise ValueError("expires_at must be in the future")
         return value
@@ -113,7 +144,7 @@ class KeyIssued(KeyPublic):
 
 
 class UserCreate(Strict):
-    username: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=100)]
+    username: Username
     password: Annotated[str, StringConstraints(min_length=MIN_PASSWORD_LENGTH, max_length=1024)]
     role: Role
     tenant_id: str | None = None

@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,9 +242,13 @@ def live_server(
     workers: int = 1,
     command: Sequence[str] = ("-m", "service", "serve"),
     port: int | None = None,
+    stderr_path: Path | None = None,
 ) -> Iterator[LiveServer]:
     """`tenantserve serve` with these settings on a loopback port (by default a free one),
-    until the block ends."""
+    until the block ends.
+
+    Its stdout goes to `log_path`, and so does its stderr unless `stderr_path` is given.
+    """
     port = port or free_port()
     full_env = {
         key: value for key, value in os.environ.items() if not key.startswith("TENANTSERVE_")
@@ -267,13 +271,15 @@ def live_server(
         }
     )
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with log_path.open("wb") as log_file:
+    with ExitStack() as files:
+        log_file = files.enter_context(log_path.open("wb"))
+        errors = files.enter_context(stderr_path.open("wb")) if stderr_path else subprocess.STDOUT
         process = subprocess.Popen(
             [sys.executable, *command],
             cwd=log_path.parent,
             env=full_env,
             stdout=log_file,
-            stderr=subprocess.STDOUT,
+            stderr=errors,
             start_new_session=True,  # its own process group: `stop` can end every worker
         )
     server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import http_sfv
@@ -35,10 +36,12 @@ from tests.conftest import (
     ADMIN_PASSWORD,
     ADMIN_USERNAME,
     FEATURES,
+    LiveServer,
     admin_token,
     bearer,
     create_tenant,
     issue_key,
+    live_server,
     new_customer,
 )
 
@@ -205,6 +208,52 @@ def test_keys_issued_before_tags_still_work(
         )
 
 
+def _from(server: LiveServer, peer: str) -> httpx.Client:
+    """A client whose connections leave from `peer` (the whole of 127/8 is loopback)."""
+    return server.client(transport=httpx.HTTPTransport(local_address=peer))
+
+
+@pytest.mark.slow
+def test_a_trusted_proxys_forwarded_address_is_the_one_throttled(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    env = {
+        "TENANTSERVE_DATABASE_URL": f"sqlite:///{tmp_path / 'tenantserve.db'}",
+        "TENANTSERVE_MODEL_DIR": str(model_dir),
+        "TENANTSERVE_AUTH_FAILURE_LIMIT": "5/minute",
+        "TENANTSERVE_FORWARDED_ALLOW_IPS": "127.0.0.2",
+    }
+    guess = {"X-API-Key": invented_key(0)}
+    with live_server(env, tmp_path / "server.log") as server:
+        with server.client() as admin:
+            customer = new_customer(admin)
+        with _from(server, "127.0.0.2") as proxy, _from(server, "127.0.0.3") as untrusted:
+
+            def via_proxy(forwarded: str, headers: dict[str, str]) -> int:
+                sent = {**headers, "X-Forwarded-For": forwarded}
+                return proxy.post("/v1/predict", json=FEATURES, headers=sent).status_code
+
+            assert [via_proxy(ATTACKER[0], guess) for _ in range(6)] == [401] * 5 + [429]
+            # The proxy's other callers, and the proxy itself, are not the flooding address.
+            assert via_proxy(CUSTOMER[0], guess) == 401
+            assert via_proxy(CUSTOMER[0], customer.headers) == 200
+            direct = proxy.post("/v1/predict", json=FEATURES, headers=customer.headers)
+            assert direct.status_code == 200
+
+            # From a peer that is no trusted proxy the header is ignored: a new forwarded
+            # address each time, yet the peer's own failures add up to the limit.
+            answers = [
+                untrusted.post(
+                    "/v1/predict",
+                    json=FEATURES,
+                    headers={**guess, "X-Forwarded-For": f"192.0.2.{n}"},
+                ).status_code
+                for n in range(6)
+            ]
+            assert answers == [401] * 5 + [429]
+    assert server.output().count('"event":"auth_failures_throttled"') == 2
+
+
 def _items(field: str) -> dict[str, dict[str, Any]]:
     parsed = http_sfv.List()
     parsed.parse(field.encode())
@@ -265,3 +314,35 @@ def test_numbers_beyond_the_database_are_422_and_renames_onto_a_name_are_409(
             "/v1/admin/tenants", json={"name": "x", "rate_limit": bad}, headers=bearer(token)
         )
         assert answer.status_code == 422, bad
+
+
+def test_values_no_column_can_hold_are_422_not_500(client: TestClient) -> None:
+    """What the fuzzer found: moments that leave the years 1-9999 once in UTC, and NUL
+    characters, which PostgreSQL text cannot hold (SQLite can: both databases run this)."""
+    customer = new_customer(client)
+    staff = bearer(customer.token)
+    tenant = customer.tenant["id"]
+    year_zero = {"from": "0001-01-01T00:00:00+01:00"}
+    refused = [
+        client.get("/v1/audit/usage", params=year_zero, headers=staff),
+        client.get(
+            "/v1/audit/usage/export", params={"to": "9999-12-31T23:59:59-01:00"}, headers=staff
+        ),
+        client.get("/v1/usage", params=year_zero, headers=customer.headers),
+        client.get("/v1/audit/usage/summary", params={"path": "/v1/\x00"}, headers=staff),
+        client.get("/v1/audit/usage/export", params={"tenant_id": "\x00"}, headers=staff),
+        client.post("/v1/admin/tenants", json={"name": "a\x00b"}, headers=staff),
+        client.post("/v1/admin/tenants", json={"name": "   "}, headers=staff),
+        client.post(
+            f"/v1/admin/tenants/{tenant}/keys",
+            json={"name": "k", "expires_at": "9999-12-31T23:59:59-01:00"},
+            headers=staff,
+        ),
+        client.post("/v1/auth/token", data={"username": "ad\x00min", "password": "x" * 12}),
+    ]
+    for response in refused:
+        assert response.status_code == 422, (response.request.url, response.text)
+        assert response.json()["code"] == "validation_error"
+    # An id no tenant has: SQLite looks and finds none, PostgreSQL refuses to look.
+    assert client.get("/v1/admin/tenants/%00", headers=staff).status_code in (404, 422)
+    assert client.get("/v1/usage", headers=customer.headers).status_code == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -184,6 +185,25 @@ def test_every_line_is_a_json_object_uvicorns_too(scenario: Run) -> None:
     # No access log: uvicorn's would say `"GET /path HTTP/1.1" 200` again for each request.
     assert not [line for line in lines if line.get("logger") == "uvicorn.access"]
     assert not [line for line in lines if 'HTTP/1.1"' in line["event"]]
+
+
+def test_a_first_serve_prints_only_json_on_stdout(tmp_path: Path) -> None:
+    """The real `tenantserve serve` in an empty folder: no settings, so its defaults put the
+    database, the models (trained now) and the journal there, and it prints the first-key hint."""
+    with live_server({}, tmp_path / "stdout.log", stderr_path=tmp_path / "stderr.log") as server:
+        with server.client() as client:
+            customer = new_customer(client)
+            answer = client.post("/v1/predict", json=FEATURES, headers=customer.headers)
+            assert answer.status_code == 200, answer.text
+        # uvicorn re-raises SIGTERM once shut down gracefully ("stopped" below says it was).
+        assert server.stop() in (0, -signal.SIGTERM)
+    lines = json_lines(server.output())  # fails on the first line that is not JSON
+    events = [line["event"] for line in lines]
+    for expected in ("models_trained", "get_a_first_key", "started", "request", "stopped"):
+        assert expected in events, f"no {expected!r} line on stdout: {events}"
+    hint = lines[events.index("get_a_first_key")]
+    assert any("keys issue" in command for command in hint["commands"])
+    assert (tmp_path / "models").is_dir() and (tmp_path / "tenantserve.db").is_file()
 
 
 def test_one_request_line_per_request_with_its_ids(scenario: Run) -> None:

@@ -328,6 +328,26 @@ def test_a_customer_sees_its_own_tenants_totals_and_quota(client: TestClient) ->
     assert refused.status_code == 403
 
 
+def test_a_customer_reads_its_own_writes_at_once(make_settings: Callable[..., Settings]) -> None:
+    # A minute between flushes: only the read itself can bring the records to the database.
+    with app_client(make_settings, usage_flush_interval_ms=60_000) as client:
+        token = admin_token(client)
+        tenant = create_tenant(client, token, monthly_quota=100)
+        customer = new_customer(client, token, tenant=tenant)
+        batch = {"items": [FEATURES] * 3}
+        for reads in range(3):
+            predicted = client.post("/v1/predict/batch", json=batch, headers=customer.headers)
+            assert predicted.status_code == 200, predicted.text
+            usage = client.get("/v1/usage", headers=customer.headers).json()
+            served = 3 * (reads + 1)
+            # Every batch and every earlier read is a request; this read is not one yet.
+            assert (usage["requests"], usage["predictions"]) == (2 * reads + 1, served)
+            left = 100 - served
+            assert usage["quota"] == {"monthly_limit": 100, "used": served, "remaining": left}
+            # The same figure as the quota counter behind the answer's RateLimit field.
+            assert f'"quota";r={left};' in predicted.headers["RateLimit"]
+
+
 # Nothing lost: SIGTERM under load, and a database that goes away for a while (live servers)
 
 

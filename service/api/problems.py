@@ -14,7 +14,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -159,6 +159,15 @@ async def _database_unreachable(request: Request, exc: Exception) -> Response:
     return _respond(request, NotReady("The database is unreachable; try again shortly."))
 
 
+async def _unstorable(request: Request, exc: Exception) -> Response:
+    # The database refused a value the schemas let through (a NUL in a path segment or a
+    # sign-in name, which PostgreSQL text cannot hold): the caller's input, so 422.
+    log.info("database_refused_value", error=type(exc).__name__, path=request.url.path)
+    return _respond(
+        request, ValidationFailed([{"loc": [], "msg": "a value the database cannot hold"}])
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # Starlette's ServerErrorMiddleware sends this, then re-raises for the request middleware
     # to log: nothing of the exception reaches the client.
@@ -170,6 +179,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     for outage in (OperationalError, InterfaceError, SQLAlchemyTimeoutError):
         app.add_exception_handler(outage, _database_unreachable)
+    app.add_exception_handler(DataError, _unstorable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     _document_problems(app)

@@ -67,6 +67,10 @@ class UsageRecorder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
+        # One flush at a time: the flusher and `written_through` both pop what they wrote.
+        self._flushing = asyncio.Lock()
+        self._written = 0
+        """Records committed since start: with the queue's length, where any record stands."""
 
     @property
     def depth(self) -> int:
@@ -79,6 +83,17 @@ class UsageRecorder:
     def pending_items(self, tenant_id: str) -> int:
         """Predictions of `tenant_id` not yet written (quota seeding counts them too)."""
         return sum(entry.items for entry in self._queue if entry.tenant_id == tenant_id)
+
+    async def written_through(self) -> bool:
+        """Wait until every record queued before this call is committed; False if the database
+        refused. What makes a customer's usage read see its own answers: each was queued before
+        it was sent (the journal's group commit enqueues, then releases the answer)."""
+        target = self._written + len(self._queue)
+        while self._written < target:
+            async with self._flushing:
+                if self._written < target and not await self._flush_once():
+                    return False
+        return True
 
     def add(self, entry: UsageEntry) -> Awaitable[None] | None:
         """Record `entry`; with a journal, an awaitable done once a crash cannot lose it."""
@@ -105,8 +120,12 @@ class UsageRecorder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
             self._wake.clear()
-            while self._queue:
-                if not await self._flush_once():
+            while True:
+                async with self._flushing:
+                    if not self._queue:
+                        break
+                    flushed = await self._flush_once()
+                if not flushed:
                     await asyncio.sleep(_RETRY_BACKOFF_S[min(self._failures, 3)])
                     break
 
@@ -121,6 +140,7 @@ class UsageRecorder:
             return False
         for _ in batch:
             self._queue.popleft()
+        self._written += len(batch)
         self._journal.committed(len(batch))
         if self._failures:
             log.warning("usage_write_recovered", failed_attempts=self._failures)
@@ -136,7 +156,9 @@ class UsageRecorder:
         await self._journal.drain()
         deadline = time.monotonic() + timeout_s
         while self._queue and time.monotonic() < deadline:
-            if not await self._flush_once():
+            async with self._flushing:
+                flushed = await self._flush_once()
+            if not flushed:
                 await asyncio.sleep(0.5)
         if self._queue and not self._durable:
             self._journal.dump(list(self._queue))

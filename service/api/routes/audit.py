@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from datetime import datetime
 from typing import Annotated
 
@@ -19,7 +21,7 @@ from tenants.errors import (
     NotFound,
     ValidationFailed,
 )
-from tenants.schemas import AuditEventPage
+from tenants.schemas import NO_NUL, AuditEventPage, UtcMoment
 from tenants.usage import queries as usage_queries
 from tenants.usage.queries import GroupBy, UsageFilter
 
@@ -66,12 +68,12 @@ class UsageSummary(BaseModel):
 
 def usage_filter(
     staff: AuditorCaller,
-    tenant_id: str | None = None,
-    key_id: str | None = None,
-    start: Annotated[datetime | None, Query(alias="from")] = None,
-    end: Annotated[datetime | None, Query(alias="to")] = None,
+    tenant_id: Annotated[str | None, Query(pattern=NO_NUL)] = None,
+    key_id: Annotated[str | None, Query(pattern=NO_NUL)] = None,
+    start: Annotated[UtcMoment | None, Query(alias="from")] = None,
+    end: Annotated[UtcMoment | None, Query(alias="to")] = None,
     status_code: Annotated[int | None, Query(ge=100, le=599)] = None,
-    path: str | None = None,
+    path: Annotated[str | None, Query(pattern=NO_NUL)] = None,
 ) -> UsageFilter:
     """The query's filters, narrowed to the caller's tenant when they have one."""
     return UsageFilter(tenant_id, key_id, start, end, status_code, path).scoped(staff.tenant_id)
@@ -109,8 +111,12 @@ def usage_summary(
 )
 async def export_usage(resources: ResourcesDep, filters: Filters) -> StreamingResponse:
     # A stream, not a transaction: read through a server-side cursor as the client reads.
+    chunks = usage_queries.export_csv(resources.engine, filters)
+    # The query runs before the 200 is sent: an error then is still an error answer, not a
+    # stream cut short.
+    first = await asyncio.to_thread(next, chunks)
     return StreamingResponse(
-        usage_queries.export_csv(resources.engine, filters),
+        itertools.chain([first], chunks),
         media_type="text/csv",
         headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
     )

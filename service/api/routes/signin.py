@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.security import OAuth2PasswordRequestForm
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
@@ -34,7 +34,7 @@ from tenants import audit
 from tenants.database import unit_of_work
 from tenants.errors import InvalidCredentials, RateLimited, ValidationFailed
 from tenants.repository import find_user
-from tenants.schemas import TokenResponse
+from tenants.schemas import NO_NUL, TokenResponse
 
 
 def address_limiter(settings: Settings) -> Limiter:
@@ -58,11 +58,28 @@ def _audit_attempt(
     )  # fmt: skip
 
 
+class SignInForm(OAuth2PasswordRequestForm):
+    """The OAuth2 password form, its document saying what the server refuses: an empty
+    username or password reaches no check (a form parser reads an empty field as a missing
+    one), so the document asks for at least one character of each. `grant_type` is left out:
+    OAuth2 clients send `password`, which is ignored like any other extra field, and a form
+    field cannot be the null its schema allowed."""
+
+    def __init__(
+        self,
+        *,
+        username: Annotated[str, Form(min_length=1, pattern=NO_NUL)],
+        password: Annotated[str, Form(min_length=1, json_schema_extra={"format": "password"})],
+        scope: Annotated[str, Form()] = "",
+    ) -> None:
+        super().__init__(grant_type=None, username=username, password=password, scope=scope)
+
+
 async def _unlocked_form(
     request: Request,
-    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    form: Annotated[SignInForm, Depends()],
     resources: ResourcesDep,
-) -> OAuth2PasswordRequestForm:
+) -> SignInForm:
     """The sign-in form, unless its username is locked out for now (an audited 429)."""
     subject = f"signin:user:{form.username.lower()}"
     window = await resources.limiter.hit(subject, resources.settings.signin_rate_limit)
@@ -92,7 +109,7 @@ def build_router(settings: Settings, limiter: Limiter) -> APIRouter:
     @limiter.limit(settings.signin_address_rate_limit)
     def sign_in(
         request: Request,
-        form: Annotated[OAuth2PasswordRequestForm, Depends(_unlocked_form)],
+        form: Annotated[SignInForm, Depends(_unlocked_form)],
         resources: ResourcesDep,
         session: DbSession,
     ) -> TokenResponse:
