@@ -32,6 +32,11 @@ class UsageEntry:
         return {**self.as_row(), "at": self.at.isoformat()}
 
     @classmethod
+    def from_row(cls, row: object) -> UsageEntry:
+        """The entry a stored `usage_records` row holds: what auditors read back."""
+        return cls(**{name: getattr(row, name) for name in cls.__slots__})
+
+    @classmethod
     def from_json(cls, data: dict[str, Any]) -> UsageEntry:
         return cls(**{**data, "at": datetime.fromisoformat(data["at"])})
 

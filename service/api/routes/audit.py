@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
@@ -24,6 +23,7 @@ from tenants.errors import (
 from tenants.schemas import NO_NUL, AuditEventPage, UtcMoment
 from tenants.usage import queries as usage_queries
 from tenants.usage.queries import GroupBy, UsageFilter
+from tenants.usage.records import UsageEntry
 
 router = APIRouter(
     prefix="/v1/audit",
@@ -34,24 +34,8 @@ router = APIRouter(
 )
 
 
-class UsageRecordPublic(BaseModel):
-    id: str
-    at: datetime
-    request_id: str
-    tenant_id: str
-    key_id: str
-    method: str
-    path: str
-    status_code: int
-    items: int
-    latency_ms: float
-    model_version: str | None
-    replay: bool
-    """An idempotent replay of an earlier answer (`items` is then 0)."""
-
-
 class UsagePage(BaseModel):
-    items: list[UsageRecordPublic]
+    items: list[UsageEntry]  # each record as it was built, journalled and written
     next_cursor: str | None
 
 
@@ -91,7 +75,7 @@ def list_usage(
 ) -> UsagePage:
     rows, next_cursor = usage_queries.page(session, filters, limit=limit, cursor=cursor)
     return UsagePage(
-        items=[UsageRecordPublic.model_validate(r, from_attributes=True) for r in rows],
+        items=[UsageEntry.from_row(row) for row in rows],
         next_cursor=next_cursor,
     )
 
