@@ -24,14 +24,12 @@ from urllib.parse import urlsplit
 import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
 from tests.conftest import (
     FEATURES,
-    REDIS_URL,
     LiveServer,
     admin_token,
     bearer,
@@ -40,7 +38,7 @@ from tests.conftest import (
     issue_key,
     live_server,
     new_customer,
-    unavailable,
+    server_env,
 )
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -49,32 +47,6 @@ T = TypeVar("T")
 
 
 # Helpers shared with test_quota.py and test_usage.py
-
-
-@pytest.fixture(scope="module")
-def shared_redis() -> Iterator[str]:
-    """Redis for this module's servers, in a database of its own.
-
-    NOTE: not the `redis_url` fixture: that one is per test, and flushes database 15 at the
-    start of every test that takes it, in any session on this Redis — mid-burst, that would
-    reset our windows.
-    """
-    url = urlsplit(REDIS_URL)._replace(path="/14").geturl()
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        client.flushdb()
-    except redis.RedisError:
-        unavailable("Redis")
-    yield url
-    client.flushdb()
-    client.close()
-
-
-def server_env(database_url: str, model_dir: Path, **settings: str) -> dict[str, str]:
-    """A live server's environment: these settings, and the session's trained models."""
-    env = {"TENANTSERVE_DATABASE_URL": database_url, "TENANTSERVE_MODEL_DIR": str(model_dir)}
-    env.update({f"TENANTSERVE_{name.upper()}": value for name, value in settings.items()})
-    return env
 
 
 @contextmanager
@@ -266,7 +238,7 @@ def wait_for_shared_limits(client: TestClient, headers: dict[str, str]) -> None:
 @dataclass(frozen=True)
 class Servers:
     workers: LiveServer
-    """Two uvicorn workers, PostgreSQL, Redis."""
+    """Two uvicorn workers, PostgreSQL, Redis: the session's `two_workers`."""
     second: LiveServer
     """Another server process on the same PostgreSQL and Redis."""
     redis_down: LiveServer
@@ -275,12 +247,13 @@ class Servers:
 
 @pytest.fixture(scope="module")
 def servers(
-    postgresql_url: str,
+    two_workers: LiveServer,
+    shared_postgresql_url: str,
     model_dir: Path,
     shared_redis: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Servers]:
-    shared = server_env(postgresql_url, model_dir, rate_limit_storage_uri=shared_redis)
+    shared = server_env(shared_postgresql_url, model_dir, rate_limit_storage_uri=shared_redis)
     sqlite_url = f"sqlite:///{tmp_path_factory.mktemp('redis-down') / 'tenantserve.db'}"
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     down = server_env(sqlite_url, model_dir, rate_limit_storage_uri=dead_redis)
@@ -292,7 +265,7 @@ def servers(
     # took the still-importing workers for hung ones and killed them (see service/cli.py).
     with ExitStack() as stack:
         yield Servers(
-            stack.enter_context(live_server(shared, log("workers"), workers=2)),
+            two_workers,
             stack.enter_context(live_server(shared, log("second"))),
             stack.enter_context(live_server(down, log("redis-down"))),
         )
