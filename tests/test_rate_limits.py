@@ -354,24 +354,39 @@ def test_remaining_falls_by_one_per_request_whichever_worker_answers(servers: Se
         assert int(response.headers["Retry-After"]) <= 60
 
 
-def test_a_burst_straddling_a_window_edge_admits_no_more_than_the_limit(
-    servers: Servers,
-) -> None:
-    headers = live_customer(servers.workers, rate_limit="5/2second")
-    # A fixed window would start afresh at each multiple of 2 s and admit 5 more right there.
+def _five_each_side_of_an_edge(
+    server: LiveServer,
+) -> tuple[dict[str, str], list[httpx.Response], list[httpx.Response]] | None:
+    """A new key limited to 5/2second, and five predictions just before a multiple of 2 s and
+    five just after; None if the ten took longer than the window."""
+    headers = live_customer(server, rate_limit="5/2second")
     edge = (time.time() // 2 + 1) * 2
     time.sleep(max(0.0, edge - 0.4 - time.time()))
-    with servers.workers.client() as client:
+    with server.client() as client:
         started = time.monotonic()
         before_edge = predict_times(client, headers, 5)
         time.sleep(max(0.0, edge + 0.05 - time.time()))
         after_edge = predict_times(client, headers, 5)
-        elapsed = time.monotonic() - started
-        assert elapsed < 2, f"all ten requests should fall in one window, took {elapsed:.2f} s"
-        assert [r.status_code for r in before_edge] == [200] * 5
-        for response in after_edge:
-            assert_rate_limited(response)
-        # Once the first five have left the moving window, requests are admitted again.
+        if time.monotonic() - started >= 2:
+            return None
+    return headers, before_edge, after_edge
+
+
+def test_a_burst_straddling_a_window_edge_admits_no_more_than_the_limit(
+    servers: Servers,
+) -> None:
+    # A fixed window would start afresh at each multiple of 2 s and admit 5 more right there.
+    # NOTE: on a loaded machine ten requests can outlast the window; such a try proves nothing
+    # either way, so it is made again with a new key, three tries at most.
+    tries = (_five_each_side_of_an_edge(servers.workers) for _ in range(3))
+    done = next((found for found in tries if found is not None), None)
+    assert done is not None, "all ten requests should fall in one window (three tries)"
+    headers, before_edge, after_edge = done
+    assert [r.status_code for r in before_edge] == [200] * 5
+    for response in after_edge:
+        assert_rate_limited(response)
+    # Once the first five have left the moving window, requests are admitted again.
+    with servers.workers.client() as client:
         response = poll(
             lambda: client.post("/v1/predict", json=FEATURES, headers=headers),
             lambda response: response.status_code != 429,
