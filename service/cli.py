@@ -24,7 +24,6 @@ from pydantic import ValidationError
 
 from service.config import Settings, get_settings
 from service.logging import configure_logging, stdlib_logging_config
-from service.main import ensure_bootstrap_admin, startup_version
 from service.serving.registry import (
     ALGORITHMS,
     ModelError,
@@ -32,6 +31,7 @@ from service.serving.registry import (
     refuse_legacy_versions,
 )
 from service.serving.runtime import load_model
+from service.startup import ensure_bootstrap_admin, startup_version
 from tenants import audit, repository
 from tenants.database import make_engine, unit_of_work, upgrade
 from tenants.errors import AppError

@@ -17,11 +17,8 @@ import structlog
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from slowapi.errors import RateLimitExceeded
-from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
 from starlette.types import ASGIApp
 
-from auth.passwords import PasswordHasher
 from service.api.exact_routes import ExactRoutes
 from service.api.idempotency import install_replay_handler
 from service.api.key_cache import KeyCache
@@ -39,46 +36,14 @@ from service.resources import Resources
 from service.serving import routes as model_routes
 from service.serving.batcher import MicroBatcher
 from service.serving.holder import ModelHolder
-from service.serving.registry import ModelError, list_versions, newest_version, read_manifest
+from service.serving.registry import ModelError, list_versions
+from service.startup import ensure_bootstrap_admin, startup_version
 from service.telemetry import telemetry_config
 from tenants.database import make_engine, unit_of_work, upgrade
-from tenants.repository import find_user, read_control, unrevoked_key_ids
-from tenants.tables import User
+from tenants.repository import unrevoked_key_ids
 from tenants.usage.recorder import UsageRecorder
 
 log = structlog.get_logger("tenantserve")
-
-
-def ensure_bootstrap_admin(engine: Engine, settings: Settings, passwords: PasswordHasher) -> None:
-    """Create the environment's platform admin once; safe when several workers race."""
-    username, password = settings.bootstrap_admin_username, settings.bootstrap_admin_password
-    if not username or password is None:
-        return
-    try:
-        with unit_of_work(engine) as session:
-            if find_user(session, username) is not None:
-                return
-            session.add(
-                User(username=username, password_hash=passwords.hash(password.get_secret_value()),
-                     role="admin", tenant_id=None)
-            )  # fmt: skip
-        log.info("bootstrap_admin_created", username=username)
-    except IntegrityError:
-        pass  # another worker created it first
-
-
-def startup_version(engine: Engine, settings: Settings) -> str:
-    """The version to serve (activated through the API, else configured, else newest)."""
-    with unit_of_work(engine) as session:
-        control = read_control(session)
-    for candidate in (control.active_model_version, settings.model_version):
-        if candidate:
-            try:
-                read_manifest(settings.model_dir, candidate)
-                return candidate
-            except ModelError:
-                log.error("model_version_missing", model_version=candidate)
-    return newest_version(settings.model_dir)
 
 
 def _build_resources(settings: Settings) -> Resources:

@@ -63,8 +63,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="session")
-def postgresql_url() -> Iterator[str]:
+@contextmanager
+def _scratch_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database until the block ends."""
     name = f"tenantserve_test_{uuid.uuid4().hex[:8]}"
     try:
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
@@ -72,9 +73,17 @@ def postgresql_url() -> Iterator[str]:
         unavailable("PostgreSQL")
     admin.execute(f'CREATE DATABASE "{name}"')
     url = PG_ADMIN_DSN.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0]
-    yield f"{url}/{name}"
-    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    try:
+        yield f"{url}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    with _scratch_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -303,10 +312,69 @@ def _wait_until_healthy(server: LiveServer, workers: int, timeout: float = 60) -
                     return
             except httpx.HTTPError:
                 pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise RuntimeError(
         f"server not healthy ({started} workers started):\n{server.output()[-3000:]}"
     )
+
+
+def server_env(database_url: str, model_dir: Path, **settings: str) -> dict[str, str]:
+    """A live server's environment: these settings, and the session's trained models."""
+    env = {"TENANTSERVE_DATABASE_URL": database_url, "TENANTSERVE_MODEL_DIR": str(model_dir)}
+    env.update({f"TENANTSERVE_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[str]:
+    """Redis for the live servers that outlive one test: this session's database, emptied at
+    the start and at the end.
+
+    NOTE: the `redis_url` fixture empties the same database at the start of each test that
+    takes it; the servers here lose only the windows of tests already over, whose tenants and
+    keys no later test uses.
+    """
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.flushdb()
+    except redis.RedisError:
+        unavailable("Redis")
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def shared_postgresql_url() -> Iterator[str]:
+    """A PostgreSQL database of its own for `two_workers`: `database_url` empties the other
+    one before each test, which would take the live server's admin and tenants with it."""
+    with _scratch_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def two_workers(
+    shared_postgresql_url: str,
+    model_dir: Path,
+    shared_redis: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
+    """Two uvicorn workers on PostgreSQL and Redis, started once for every test that needs no
+    more than that (limits, quotas, revocation, pins across workers); each test keeps to
+    tenants and keys of its own.
+
+    Its log holds every such test's lines: a test that reads it looks at what came after its
+    own start, or at what names its own request ids or keys.
+    """
+    env = server_env(
+        shared_postgresql_url, model_dir, rate_limit_storage_uri=shared_redis,
+        # Revocation tests send dozens of revoked keys from this one address; the per-address
+        # failure limit (test_abuse) must not carry over into the next test's requests.
+        auth_failure_limit="100000/minute",
+    )  # fmt: skip
+    log = tmp_path_factory.mktemp("two-workers") / "server.log"
+    with live_server(env, log, workers=2) as server:
+        yield server
 
 
 # ---------------------------------------------------------------------------------------------

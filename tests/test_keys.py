@@ -11,7 +11,6 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -29,7 +28,6 @@ from tests.conftest import (
     bearer,
     create_tenant,
     issue_key,
-    live_server,
     new_customer,
     stored_rows,
     wait_for,
@@ -286,18 +284,14 @@ def workers_answering(server: LiveServer, status: int, before: dict[int, Counter
 
 
 @pytest.mark.slow
-def test_revocation_reaches_every_worker_within_a_second(
-    postgresql_url: str, model_dir: Path, tmp_path: Path
-) -> None:
-    env = {
-        "TENANTSERVE_DATABASE_URL": postgresql_url,
-        "TENANTSERVE_MODEL_DIR": str(model_dir),
-    }
-    with live_server(env, tmp_path / "server.log", workers=2) as server, server.client() as http:
+def test_revocation_reaches_every_worker_within_a_second(two_workers: LiveServer) -> None:
+    server = two_workers
+    with server.client() as http:
         customer = new_customer(http)
         key = customer.key["key"]
+        started = answers_by_worker(server.output())  # the shared log: earlier tests' lines
         assert spread(server.url, key, 40) == [200] * 40
-        wait_for(lambda: workers_answering(server, 200, {}) == 2, within=2.0)
+        wait_for(lambda: workers_answering(server, 200, started) == 2, within=2.0)
 
         revoked = http.post(
             f"/v1/admin/keys/{customer.key['id']}/revoke", headers=bearer(customer.token)

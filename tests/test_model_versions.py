@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,9 +15,9 @@ from service.main import create_app
 from tests.conftest import (
     FEATURES,
     Customer,
+    LiveServer,
     admin_token,
     bearer,
-    live_server,
     new_customer,
     wait_for,
 )
@@ -108,10 +107,10 @@ def test_a_rollout_moves_a_stable_half_of_the_unpinned_tenants(
 
 @pytest.mark.slow
 def test_pinned_tenants_on_two_workers_each_get_and_are_billed_their_version(
-    postgresql_url: str, model_dir: Path, tmp_path: Path
+    two_workers: LiveServer,
 ) -> None:
-    env = {"TENANTSERVE_DATABASE_URL": postgresql_url, "TENANTSERVE_MODEL_DIR": str(model_dir)}
-    with live_server(env, tmp_path / "server.log", workers=2) as server, server.client() as http:
+    server = two_workers
+    with server.client() as http:
         token = admin_token(http)
         forest, logreg = new_customer(http, token), new_customer(http, token)
         patch(http, token, forest.tenant["id"], model_version=FOREST)

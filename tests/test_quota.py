@@ -7,9 +7,8 @@ any model work, and consumes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +21,6 @@ from tests.conftest import (
     LiveServer,
     admin_token,
     create_tenant,
-    live_server,
     new_customer,
 )
 from tests.test_rate_limits import (
@@ -32,8 +30,6 @@ from tests.test_rate_limits import (
     burst,
     poll,
     redis_proxy,  # noqa: F401 (a fixture)
-    server_env,
-    shared_redis,  # noqa: F401 (a fixture)
     wait_for_shared_limits,
 )
 
@@ -145,16 +141,9 @@ def test_the_quota_holds_across_a_redis_outage(
 # A live server: two workers sharing the quota through Redis (PostgreSQL)
 
 
-@pytest.fixture(scope="module")
-def server(
-    postgresql_url: str,
-    model_dir: Path,
-    shared_redis: str,  # noqa: F811
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[LiveServer]:
-    env = server_env(postgresql_url, model_dir, rate_limit_storage_uri=shared_redis)
-    with live_server(env, tmp_path_factory.mktemp("quota") / "server.log", workers=2) as live:
-        yield live
+@pytest.fixture
+def server(two_workers: LiveServer) -> LiveServer:
+    return two_workers
 
 
 def quota_customer(server: LiveServer, quota: int) -> dict[str, str]:

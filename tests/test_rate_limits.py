@@ -24,14 +24,12 @@ from urllib.parse import urlsplit
 import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
 from tests.conftest import (
     FEATURES,
-    REDIS_URL,
     LiveServer,
     admin_token,
     bearer,
@@ -40,7 +38,7 @@ from tests.conftest import (
     issue_key,
     live_server,
     new_customer,
-    unavailable,
+    server_env,
 )
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -49,32 +47,6 @@ T = TypeVar("T")
 
 
 # Helpers shared with test_quota.py and test_usage.py
-
-
-@pytest.fixture(scope="module")
-def shared_redis() -> Iterator[str]:
-    """Redis for this module's servers, in a database of its own.
-
-    NOTE: not the `redis_url` fixture: that one is per test, and flushes database 15 at the
-    start of every test that takes it, in any session on this Redis — mid-burst, that would
-    reset our windows.
-    """
-    url = urlsplit(REDIS_URL)._replace(path="/14").geturl()
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        client.flushdb()
-    except redis.RedisError:
-        unavailable("Redis")
-    yield url
-    client.flushdb()
-    client.close()
-
-
-def server_env(database_url: str, model_dir: Path, **settings: str) -> dict[str, str]:
-    """A live server's environment: these settings, and the session's trained models."""
-    env = {"TENANTSERVE_DATABASE_URL": database_url, "TENANTSERVE_MODEL_DIR": str(model_dir)}
-    env.update({f"TENANTSERVE_{name.upper()}": value for name, value in settings.items()})
-    return env
 
 
 @contextmanager
@@ -266,7 +238,7 @@ def wait_for_shared_limits(client: TestClient, headers: dict[str, str]) -> None:
 @dataclass(frozen=True)
 class Servers:
     workers: LiveServer
-    """Two uvicorn workers, PostgreSQL, Redis."""
+    """Two uvicorn workers, PostgreSQL, Redis: the session's `two_workers`."""
     second: LiveServer
     """Another server process on the same PostgreSQL and Redis."""
     redis_down: LiveServer
@@ -275,12 +247,13 @@ class Servers:
 
 @pytest.fixture(scope="module")
 def servers(
-    postgresql_url: str,
+    two_workers: LiveServer,
+    shared_postgresql_url: str,
     model_dir: Path,
     shared_redis: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Servers]:
-    shared = server_env(postgresql_url, model_dir, rate_limit_storage_uri=shared_redis)
+    shared = server_env(shared_postgresql_url, model_dir, rate_limit_storage_uri=shared_redis)
     sqlite_url = f"sqlite:///{tmp_path_factory.mktemp('redis-down') / 'tenantserve.db'}"
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     down = server_env(sqlite_url, model_dir, rate_limit_storage_uri=dead_redis)
@@ -292,7 +265,7 @@ def servers(
     # took the still-importing workers for hung ones and killed them (see service/cli.py).
     with ExitStack() as stack:
         yield Servers(
-            stack.enter_context(live_server(shared, log("workers"), workers=2)),
+            two_workers,
             stack.enter_context(live_server(shared, log("second"))),
             stack.enter_context(live_server(down, log("redis-down"))),
         )
@@ -381,24 +354,39 @@ def test_remaining_falls_by_one_per_request_whichever_worker_answers(servers: Se
         assert int(response.headers["Retry-After"]) <= 60
 
 
-def test_a_burst_straddling_a_window_edge_admits_no_more_than_the_limit(
-    servers: Servers,
-) -> None:
-    headers = live_customer(servers.workers, rate_limit="5/2second")
-    # A fixed window would start afresh at each multiple of 2 s and admit 5 more right there.
+def _five_each_side_of_an_edge(
+    server: LiveServer,
+) -> tuple[dict[str, str], list[httpx.Response], list[httpx.Response]] | None:
+    """A new key limited to 5/2second, and five predictions just before a multiple of 2 s and
+    five just after; None if the ten took longer than the window."""
+    headers = live_customer(server, rate_limit="5/2second")
     edge = (time.time() // 2 + 1) * 2
     time.sleep(max(0.0, edge - 0.4 - time.time()))
-    with servers.workers.client() as client:
+    with server.client() as client:
         started = time.monotonic()
         before_edge = predict_times(client, headers, 5)
         time.sleep(max(0.0, edge + 0.05 - time.time()))
         after_edge = predict_times(client, headers, 5)
-        elapsed = time.monotonic() - started
-        assert elapsed < 2, f"all ten requests should fall in one window, took {elapsed:.2f} s"
-        assert [r.status_code for r in before_edge] == [200] * 5
-        for response in after_edge:
-            assert_rate_limited(response)
-        # Once the first five have left the moving window, requests are admitted again.
+        if time.monotonic() - started >= 2:
+            return None
+    return headers, before_edge, after_edge
+
+
+def test_a_burst_straddling_a_window_edge_admits_no_more_than_the_limit(
+    servers: Servers,
+) -> None:
+    # A fixed window would start afresh at each multiple of 2 s and admit 5 more right there.
+    # NOTE: on a loaded machine ten requests can outlast the window; such a try proves nothing
+    # either way, so it is made again with a new key, three tries at most.
+    tries = (_five_each_side_of_an_edge(servers.workers) for _ in range(3))
+    done = next((found for found in tries if found is not None), None)
+    assert done is not None, "all ten requests should fall in one window (three tries)"
+    headers, before_edge, after_edge = done
+    assert [r.status_code for r in before_edge] == [200] * 5
+    for response in after_edge:
+        assert_rate_limited(response)
+    # Once the first five have left the moving window, requests are admitted again.
+    with servers.workers.client() as client:
         response = poll(
             lambda: client.post("/v1/predict", json=FEATURES, headers=headers),
             lambda response: response.status_code != 429,
