@@ -71,6 +71,7 @@ test: lint typecheck dockerlint unit
 
 bench: $(STAMP)
 	$(BIN)/python -m perf.bench
+	$(BIN)/python -m perf.model_figures
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache tenantserve.db* models usage-journal
