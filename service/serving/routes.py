@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from sqlmodel import Session
 
 from service.api.dependencies import AdminCaller, DbSession, ResourcesDep
 from service.api.idempotency import AdminIdempotent, openapi_extra
@@ -64,6 +65,21 @@ def _models_public(resources: Resources) -> ModelsPublic:
     )
 
 
+async def _serve(resources: Resources, session: Session, version: str, *, percent: int) -> None:
+    """Serve `version` to `percent` of the unpinned tenants (100: all, i.e. activate): in this
+    worker at once, in every other through the control row this transaction changes."""
+    await _load(resources, version)
+    if percent == 100:
+        await resources.models.activate(version)
+        repository.set_active_model(session, version)
+        return
+    platform = resources.models.platform
+    await resources.models.set_platform(
+        PlatformVersions(platform.active, version if percent else None, percent)
+    )
+    repository.set_rollout(session, version, percent)
+
+
 @router.get("", response_model=ModelsPublic)
 async def list_models(staff: AdminCaller, resources: ResourcesDep) -> ModelsPublic:
     return _models_public(resources)
@@ -78,9 +94,7 @@ async def activate_model(
     session: DbSession,
 ) -> ModelsPublic:
     require_platform_staff(staff)
-    await _load(resources, version)
-    await resources.models.activate(version)
-    repository.set_active_model(session, version)
+    await _serve(resources, session, version, percent=100)
     audit_change(session, request, staff, "model.activate", version, None)
     return _models_public(resources)
 
@@ -96,16 +110,7 @@ async def roll_out_model(
 ) -> ModelsPublic:
     """Serve `version` to a stable share of the unpinned tenants (by a hash of the tenant id)."""
     require_platform_staff(staff)
-    await _load(resources, version)
-    if data.percent == 100:
-        await resources.models.activate(version)
-        repository.set_active_model(session, version)
-    else:
-        platform = resources.models.platform
-        await resources.models.set_platform(
-            PlatformVersions(platform.active, version if data.percent else None, data.percent)
-        )
-        repository.set_rollout(session, version, data.percent)
+    await _serve(resources, session, version, percent=data.percent)
     details = {"percent": data.percent}
     audit_change(session, request, staff, "model.rollout", version, None, details)
     return _models_public(resources)
