@@ -16,8 +16,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
-
 from service.config import Settings
 from tenants.usage.journal import encode
 from tenants.usage.records import UsageEntry
@@ -30,32 +28,25 @@ from tests.conftest import (
     stored_rows,
 )
 from tests.test_rate_limits import CuttableProxy, app_client, poll, server_env
-from tests.test_usage import LoadResult, all_records, assert_recorded_once, database_proxy
+from tests.test_usage import (
+    LoadResult,
+    all_records,
+    assert_recorded_once,
+    database_proxy,
+    keep_predicting,
+)
 
 __all__ = ["database_proxy"]  # a fixture, used by name
 INVALID = {**FEATURES, "sepal_length": -1}
-
-
-def mixed_load(server: LiveServer, headers: dict[str, str], result: LoadResult) -> None:
-    """Valid and invalid predictions until the server stops answering (200, 422 and 429)."""
-    with server.client() as client:
-        for sent in range(1_000_000):
-            request_id = f"load-{uuid.uuid4().hex}"
-            body = INVALID if sent % 4 == 3 else FEATURES
-            try:
-                response = client.post(
-                    "/v1/predict", json=body, headers={**headers, "X-Request-ID": request_id}
-                )
-            except httpx.HTTPError:
-                result.record(request_id, None)
-                return
-            result.record(request_id, response.status_code)
+MIXED = (FEATURES, FEATURES, FEATURES, INVALID)
 
 
 def kill_under_load(server: LiveServer, headers: dict[str, str], result: LoadResult) -> None:
     """Load from 8 clients, then SIGKILL the server and all its workers mid-stream."""
     threads = [
-        threading.Thread(target=mixed_load, args=(server, headers, result)) for _ in range(8)
+        # Valid and invalid bodies: answers of 200, 422 and 429 (at the key's limit).
+        threading.Thread(target=keep_predicting, args=(server, headers, result, MIXED))
+        for _ in range(8)
     ]
     for thread in threads:
         thread.start()

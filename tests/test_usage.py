@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -366,14 +367,19 @@ class LoadResult:
                 self.answered[request_id] = status
 
 
-def keep_predicting(server: LiveServer, headers: dict[str, str], result: LoadResult) -> None:
-    """Predict until the server stops answering."""
+def keep_predicting(
+    server: LiveServer,
+    headers: dict[str, str],
+    result: LoadResult,
+    bodies: Sequence[dict[str, float]] = (FEATURES,),
+) -> None:
+    """Predict, with `bodies` in turn, until the server stops answering."""
     with server.client() as client:
-        while True:
+        for body in itertools.cycle(bodies):
             request_id = f"load-{uuid.uuid4().hex}"
             try:
                 response = client.post(
-                    "/v1/predict", json=FEATURES, headers={**headers, "X-Request-ID": request_id}
+                    "/v1/predict", json=body, headers={**headers, "X-Request-ID": request_id}
                 )
             except httpx.HTTPError:
                 result.record(request_id, None)
