@@ -113,8 +113,11 @@ async def _follow(resources: Resources, wake: asyncio.Event, listener: _Listener
                 settings.state_safety_poll_s if listener.live
                 else settings.state_poll_interval_ms / 1000
             )  # fmt: skip
+            # NOTE: not `asyncio.wait_for`: on Python 3.11 a cancellation that arrives as the
+            # wait ends is lost there, and a lifespan awaiting this task would wait for ever.
             with suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await wake.wait()
         wake.clear()  # before the read: a change announced during it wakes the next one
         try:
             new_epoch, active, rollout, percent = await asyncio.to_thread(_read, resources.engine)

@@ -117,8 +117,10 @@ class UsageRecorder:
 
     async def _run(self) -> None:
         while True:
+            # Not `asyncio.wait_for`: on Python 3.11 it can lose the cancellation `close` sends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
             self._wake.clear()
             while True:
                 async with self._flushing:
