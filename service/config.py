@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     """Longest time a usage record waits in memory before it is written."""
 
     usage_flush_max_rows: int = Field(default=1000, ge=1)
-    """Most usage records in one INSERT."""
+    """Most usage records written in one transaction."""
 
     usage_queue_max: int = Field(default=100_000, ge=10)
     """Queued usage records beyond which customer requests get 503 instead of going unrecorded."""

@@ -1,11 +1,11 @@
-"""Usage records: made durable in the worker's journal, then written behind in multi-row INSERTs.
+"""Usage records: made durable in the worker's journal, then written behind in batches.
 
 A request never waits for the database. With `durability="journal"` (the default) its record
 goes to the journal (`tenants.usage.journal`) and its answer waits for the group's fsync, so
 no answer leaves whose record a crash could lose; with `"write-behind"` the record only joins
 the in-memory queue (microseconds), and a crash loses what was queued. A background task
 writes up to `max_rows` queued records at a time, at least every `interval`. A record leaves
-the queue only after its INSERT committed; the INSERT skips ids already present, so a flush
+the queue only after its write committed; the write skips ids already present, so a flush
 retried after a lost connection — or a journal replayed after a crash — cannot write a record
 twice. While the database is away the queue grows; at `max_queue` customers get 503 rather
 than unrecorded service. On shutdown the queue is written out; whatever the database still
@@ -23,26 +23,14 @@ from pathlib import Path
 from typing import Literal
 
 import structlog
-from sqlalchemy import Engine, Insert
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine
 
-from tenants.tables import UsageRecord
 from tenants.usage.journal import UsageJournal
 from tenants.usage.records import UsageEntry
+from tenants.usage.writes import WRITE_ERRORS, UsageWriter
 
 log = structlog.get_logger("tenantserve.usage")
-_TABLE = UsageRecord.__table__  # type: ignore[attr-defined]
 _RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
-
-
-def _insert_ignoring_duplicates(engine: Engine, entries: list[UsageEntry]) -> None:
-    # One statement, compiled once and cached; SQLAlchemy's "insertmanyvalues" sends the rows
-    # as multi-row INSERTs. (`.values(rows)` would compile a new statement every flush.)
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement: Insert = dialect.insert(_TABLE).on_conflict_do_nothing(index_elements=["id"])
-    with engine.begin() as connection:
-        connection.execute(statement, [entry.as_row() for entry in entries])
 
 
 class UsageRecorder:
@@ -56,10 +44,9 @@ class UsageRecorder:
         journal_dir: Path,
         durability: Literal["journal", "write-behind"] = "journal",
     ) -> None:
-        self._engine = engine
+        self._writer = UsageWriter(engine)
         self._interval = interval_s
-        # SQLite allows 32,766 bound values a statement; a record binds 11.
-        self._max_rows = min(max_rows, 2000)
+        self._max_rows = max_rows
         self._max_queue = max_queue
         self._queue: deque[UsageEntry] = deque()
         self._journal = UsageJournal(journal_dir, self._enqueue)
@@ -134,8 +121,8 @@ class UsageRecorder:
     async def _flush_once(self) -> bool:
         batch = [self._queue[i] for i in range(min(self._max_rows, len(self._queue)))]
         try:
-            await asyncio.to_thread(_insert_ignoring_duplicates, self._engine, batch)
-        except (SQLAlchemyError, OSError) as exc:
+            await asyncio.to_thread(self._writer.write, batch)
+        except WRITE_ERRORS as exc:
             if self._failures == 0:
                 log.warning("usage_write_failed", error=type(exc).__name__, queued=len(self._queue))
             self._failures += 1
