@@ -1,8 +1,8 @@
 """Who is calling, checked once per request: one gate for customers, one dependency per staff role.
 
 Customer keys are checked in this order: the caller's address not over its failed
-authentications → format, checksum and tag (or, for a legacy key, a known id) → lookup (cache,
-else database) → secret → not revoked → not expired → the key's rate limit → tenant active →
+authentications → format (for a legacy key: a known id) → the worker's cache, else checksum and
+tag, then the database → secret → not revoked → not expired → the key's rate limit → tenant active →
 scope. Every failure before the limit is the same 401 and counts against the address, so a
 caller learns nothing about which keys exist and cannot guess for long;
 the limit comes before the 403s so that every answer after authentication carries the
@@ -78,12 +78,16 @@ def _load_record(engine: Engine, key_id: str) -> KeyRecord | None:
 
 async def _verified_key(resources: Resources, token: str) -> tuple[KeyRecord, Customer]:
     pepper = resources.settings.api_key_pepper.get_secret_value()
-    parsed = keys.parse(token, pepper)
+    parsed = keys.parse(token)
     if parsed is None or (parsed.legacy and parsed.key_id not in resources.keys.legacy_ids):
         raise InvalidCredentials(headers=_KEY_CHALLENGE)  # no lookup: never issued
     key_id = parsed.key_id
     hit, record, customer = resources.keys.get(key_id)
     if not hit:
+        # The tag before the database: an invented key costs no lookup. (A cached key needs no
+        # tag check: `matches` below is the whole answer, and one HMAC instead of three.)
+        if not keys.was_issued(token, pepper):
+            raise InvalidCredentials(headers=_KEY_CHALLENGE)
         generation = resources.keys.generation
         try:
             record = await asyncio.to_thread(_load_record, resources.engine, key_id)

@@ -6,7 +6,7 @@ lifetimes below are a second line of defence, not the mechanism.
 
 Bounded as an LRU: past `max_entries` the least recently used entry goes, one at a time, so a
 burst of new key ids never evicts the keys customers are using. Invented keys mostly never get
-here: their tag fails (`auth.keys.parse`) before any lookup, and a legacy (untagged) key is
+here: their tag fails (`auth.keys.was_issued`) before any lookup, and a legacy (untagged) key is
 looked up only when its id is in `legacy_ids`, the key ids that existed when the worker
 started (keys issued since then all carry tags).
 """
