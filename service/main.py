@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from importlib import metadata
 
@@ -145,13 +145,23 @@ def _settle_garbage_collector() -> None:
 class TenantServe(FastAPI):
     """FastAPI with the request middleware outermost, around FastAPI's own error and body-limit
     layers: so even their answers (a 413 for a declared oversize body) get a request id, the
-    contract's problem+json and a log line."""
+    contract's problem+json and a log line. Just inside it, the prediction routes are taken
+    out of FastAPI's stack (see `service.api.exact_routes`)."""
+
+    hot_routes: Sequence[APIRoute] = ()
 
     def build_middleware_stack(self) -> ASGIApp:
-        return RequestMiddleware(super().build_middleware_stack(), settings=self.state.settings)
+        settings: Settings = self.state.settings
+        hot = ExactRoutes(
+            super().build_middleware_stack(),
+            self.hot_routes,
+            max_body_size=settings.max_body_bytes,
+            exception_handlers=self.exception_handlers,
+        )
+        return RequestMiddleware(hot, settings=settings)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> TenantServe:
     settings = settings or get_settings()
     configure_logging(settings)
     app = TenantServe(
@@ -179,6 +189,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         audit.router,
     ):
         app.include_router(router)
-    hot = [route for route in predict_router.routes if isinstance(route, APIRoute)]
-    app.router.middleware_stack = ExactRoutes(app.router.middleware_stack, hot)
+    app.hot_routes = [route for route in predict_router.routes if isinstance(route, APIRoute)]
     return app
