@@ -7,6 +7,7 @@ start, and `/metrics` then sums every worker's files.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -45,6 +46,28 @@ MODEL_INFO = Gauge(
     ["version", "algorithm"],
     multiprocess_mode="livemax",
 )
+
+
+# NOTE: `labels()` takes a lock and builds its key on every call (~2% of a worker on the
+# prediction path); the children of the labels seen are kept instead. Nothing removes them.
+@lru_cache(maxsize=1024)
+def _request_children(route: str, method: str, status: int) -> tuple[Counter, Histogram]:
+    return REQUESTS.labels(route, method, str(status)), LATENCY.labels(route)
+
+
+@lru_cache(maxsize=256)
+def _predictions_child(model_version: str) -> Counter:
+    return PREDICTIONS.labels(model_version)
+
+
+def request_answered(route: str, method: str, status: int, seconds: float) -> None:
+    requests, latency = _request_children(route, method, status)
+    requests.inc()
+    latency.observe(seconds)
+
+
+def predictions_served(model_version: str, count: int) -> None:
+    _predictions_child(model_version).inc(count)
 
 
 def model_served(version: str, algorithm: str) -> None:

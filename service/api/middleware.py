@@ -197,8 +197,7 @@ class RequestMiddleware:
         path: str = scope["path"]
         route = scope.get("route")
         route_path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(route_path, scope["method"], str(status)).inc()
-        metrics.LATENCY.labels(route_path).observe(elapsed)
+        metrics.request_answered(route_path, scope["method"], status, elapsed)
         fields: dict[str, Any] = {
             "request_id": context.request_id,
             "method": scope["method"],

@@ -40,6 +40,6 @@ async def predict_rows(
     context.items = len(rows)
     context.quota_remaining = reservation.remaining
     context.model_version = model.version
-    metrics.PREDICTIONS.labels(model.version).inc(len(rows))
+    metrics.predictions_served(model.version, len(rows))
     annotate_span(customer, model.version)
     return model, proba
