@@ -23,21 +23,15 @@ from service.resources import Resources
 from service.serving.registry import ModelError
 from tenants import change_feed
 from tenants.database import unit_of_work
-from tenants.repository import pinned_versions, read_control
+from tenants.repository import ControlSnapshot, control_snapshot, pinned_versions
 from tenants.rollout import PlatformVersions
 
 log = structlog.get_logger("tenantserve.changes")
 
 
-def _read(engine: Engine) -> tuple[int, str | None, str | None, int]:
-    with unit_of_work(engine) as session:
-        control = read_control(session)
-        return (
-            control.auth_epoch,
-            control.active_model_version,
-            control.rollout_version,
-            control.rollout_percent,
-        )
+def _read(engine: Engine) -> ControlSnapshot:
+    with engine.connect() as connection:
+        return control_snapshot(connection)
 
 
 def _read_pins(engine: Engine) -> set[str]:
@@ -120,11 +114,11 @@ async def _follow(resources: Resources, wake: asyncio.Event, listener: _Listener
                     await wake.wait()
         wake.clear()  # before the read: a change announced during it wakes the next one
         try:
-            new_epoch, active, rollout, percent = await asyncio.to_thread(_read, resources.engine)
-            if new_epoch != epoch:
+            control = await asyncio.to_thread(_read, resources.engine)
+            if control.auth_epoch != epoch:
                 # Revocations, suspensions, limit changes and pins: keys are read afresh.
                 resources.keys.clear()
-                epoch = new_epoch
+                epoch = control.auth_epoch
                 await _load_pins(resources)
         except SQLAlchemyError as exc:
             if resources.database_ok:
@@ -134,9 +128,11 @@ async def _follow(resources: Resources, wake: asyncio.Event, listener: _Listener
         if not resources.database_ok:
             log.warning("database_reachable_again")
             resources.database_ok = True
-        if (active, rollout, percent) == seen:
+        versions = (control.active_model_version, control.rollout_version, control.rollout_percent)
+        if versions == seen:
             continue
-        seen = (active, rollout, percent)
+        seen = versions
+        active, rollout, percent = versions
         platform = PlatformVersions(active or models.platform.active, rollout, percent)
         try:
             await models.set_platform(platform)  # a failed version is said once, not 4x/s
