@@ -114,7 +114,8 @@ async def _measure(args: argparse.Namespace) -> tuple[float, Counter[int]]:
         _env_file=None, env="development", database_url=f"sqlite:///{scratch / 'a.db'}",
         model_dir=scratch / "models", model_version=args.version, rate_limit_storage_uri=limiter,
         usage_journal_dir=scratch / "journal", bootstrap_admin_username=ADMIN[0],
-        bootstrap_admin_password=ADMIN[1],
+        bootstrap_admin_password=ADMIN[1], log_level=args.log_level,
+        usage_durability=args.durability,
     )  # fmt: skip
     tenantserve = create_app(settings)
     async with tenantserve.router.lifespan_context(tenantserve):
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="v2-logreg", choices=["v1-forest", "v2-logreg"])
     parser.add_argument("--batch", type=int, default=0, help="items a batch (0: single)")
     parser.add_argument("--requests", type=int, default=20000)
+    # One part switched off at a time: WARNING drops the request line, write-behind the journal.
+    parser.add_argument("--log-level", default="INFO", choices=["INFO", "WARNING"])
+    parser.add_argument("--durability", default="journal", choices=["journal", "write-behind"])
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args(argv)
     # The request log goes to a file, as a server's would, not to this terminal.
