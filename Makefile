@@ -65,9 +65,12 @@ deploycheck: $(STAMP) $(TOOLS_STAMP)
 
 # The app's own modules compiled first, for the same reason as --compile-bytecode above: the
 # tests start dozens of server and CLI processes, each of which would compile them again.
+# Three xdist workers on two cores: much of the suite waits on servers starting and stopping.
+# `--dist loadfile` keeps a module's tests on one worker (tests/conftest.py spreads some).
+PYTEST_WORKERS ?= 3
 unit: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m compileall -q service auth tenants
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint typecheck dockerlint unit
 

@@ -34,7 +34,24 @@ from tenants.database import make_engine, upgrade
 PG_ADMIN_DSN = os.environ.get(
     "TENANTSERVE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
-REDIS_URL = os.environ.get("TENANTSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _worker_redis_url(base: str, worker: str) -> str:
+    """The Redis database of this xdist worker (`gw0`, `gw1`, …): counting down from the base
+    one, past 13 and 14 (kept for benchmarks); without xdist, the base itself."""
+    stem, _, number = base.rpartition("/")
+    if not worker.startswith("gw") or not number.isdigit():
+        return base
+    candidates = [n for n in range(int(number), -1, -1) if n == int(number) or n not in (13, 14)]
+    if int(worker[2:]) >= len(candidates):
+        raise RuntimeError(f"no Redis database left below {base} for xdist worker {worker}")
+    return f"{stem}/{candidates[int(worker[2:])]}"
+
+
+REDIS_URL = _worker_redis_url(
+    os.environ.get("TENANTSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+    os.environ.get("PYTEST_XDIST_WORKER", ""),
+)
 ADMIN_USERNAME = "platform-admin"
 ADMIN_PASSWORD = "correct horse battery staple"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -47,6 +64,43 @@ CHEAP_PASSWORD_HASHES = {
     "password_hash_parallelism": 1,
 }
 FEATURES = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+
+
+# The modules that take longest (server restarts, SIGKILLs, a cluster), slowest first: they
+# start first, so none is left running alone on one xdist worker at the end.
+SLOWEST_MODULES = (
+    "test_durability", "test_scale_out", "test_keys", "test_model_versions", "test_schemathesis",
+    "test_rate_limits", "test_registry", "test_usage", "test_drain", "test_abuse", "test_logging",
+)  # fmt: skip
+# Modules whose tests share no fixture of module scope: under `--dist loadfile` their tests
+# still go to the workers one by one (the longest ones, each on a worker of its own).
+SPREAD_MODULES = (
+    "test_durability", "test_keys", "test_model_versions", "test_usage", "test_drain",
+    "test_abuse", "test_idempotency", "test_cli",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.stem
+        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
+
+    items.sort(key=rank)  # stable: within a module, and for the rest, the order stays
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` (as `make test` runs it), but the SPREAD_MODULES a test at a time;
+    every other `--dist` as xdist has it."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if Path(module).stem in SPREAD_MODULES else module
+
+    return Scheduling(config, log)
 
 
 def unavailable(what: str) -> None:

@@ -280,7 +280,8 @@ def test_feature_values_are_logged_only_when_enabled(tmp_path: Path, model_dir: 
         single = client.post("/v1/predict", json=FEATURES, headers=customer.headers)
         batch = {"items": [FEATURES, FEATURES]}
         batched = client.post("/v1/predict/batch", json=batch, headers=customer.headers)
-    by_id = {line.get("request_id"): line for line in json_lines(server.output())}
+    lines = json_lines(server.output())
+    by_id = {line.get("request_id"): line for line in lines if line["event"] == "request"}
     assert by_id[single.headers["X-Request-ID"]]["features"] == [SAMPLE]
     assert by_id[batched.headers["X-Request-ID"]]["features"] == [SAMPLE, SAMPLE]
 
