@@ -10,6 +10,7 @@ With several workers the supervisor forwards SIGTERM to each, so each drains the
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import signal
 import threading
 from types import FrameType
@@ -38,7 +39,8 @@ def delay_shutdown(resources: Resources, delay_s: float) -> None:
         if resources.draining:
             return  # already draining: a repeated SIGTERM changes nothing
         resources.draining = True  # from now on /ready answers 503
-        # The rest on the loop, not inside the signal handler.
-        loop.call_soon_threadsafe(start_draining, sig, frame)
+        # The rest on the loop, not inside the signal handler; in a context of its own, not
+        # that of whatever request the signal interrupted (its request id would be logged).
+        loop.call_soon_threadsafe(start_draining, sig, frame, context=contextvars.Context())
 
     signal.signal(signal.SIGTERM, on_sigterm)
