@@ -39,6 +39,7 @@ from tests.conftest import (
     live_server,
     new_customer,
     server_env,
+    wait_for,
 )
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -523,3 +524,32 @@ def test_invalid_limit_strings_are_refused(client: TestClient) -> None:
             assert response.json()["code"] == "validation_error"
             locations = [error["loc"] for error in response.json()["errors"]]
             assert any("rate_limit" in loc for loc in locations), (what, limit, locations)
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_a_lowered_limit_shows_nothing_remaining_not_less(
+    storage: str, request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> None:
+    """Hits counted under the old limit stay in the window; when they outnumber the new limit,
+    the headers say 0 remaining, never a negative count."""
+    uri = request.getfixturevalue("redis_url") if storage == "redis" else "memory://"
+    with app_client(make_settings, rate_limit_storage_uri=uri) as client:
+        token = admin_token(client)
+        tenant = create_tenant(client, token, rate_limit="100/minute")
+        customer = new_customer(client, token, tenant=tenant)
+        assert [r.status_code for r in predict_times(client, customer.headers, 7)] == [200] * 7
+        changed = client.patch(
+            f"/v1/admin/tenants/{customer.tenant['id']}",
+            json={"rate_limit": "5/minute"},
+            headers=bearer(token),
+        )
+        assert changed.status_code == 200, changed.text
+        wait_for(
+            lambda: (
+                predict_times(client, customer.headers, 1)[0].headers["X-RateLimit-Limit"] == "5"
+            ),
+            within=1.0,
+        )
+        refused = predict_times(client, customer.headers, 1)[0]
+        assert_rate_limited(refused)
+        assert refused.headers["RateLimit"].split(";r=")[1].split(";")[0] == "0"

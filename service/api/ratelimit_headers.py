@@ -26,7 +26,7 @@ def ratelimit_fields(
     policy = f'"key";q={window.limit};w={seconds}'
     # In-process windows count in slices, so their reset can pass the window by a fraction.
     reset = min(seconds, math.ceil(window.reset_after))
-    state = f'"key";r={max(0, window.remaining)};t={reset}'
+    state = f'"key";r={window.remaining};t={reset}'
     if customer.monthly_quota is not None:
         policy += f', "quota";q={customer.monthly_quota}'
         if quota_remaining is not None:
