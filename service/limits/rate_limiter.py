@@ -104,9 +104,15 @@ class WindowState:
     allowed: bool
     limit: int
     remaining: int
-    """Never below 0 (hits counted under a higher limit can outnumber a lowered one)."""
     reset_after: float
     """Seconds until the oldest hit in the window leaves it."""
+
+    @classmethod
+    def after(cls, *, allowed: bool, limit: int, hits: int, reset_after: float) -> WindowState:
+        """The state once `hits` are in the window. Hits counted under a higher limit stay in
+        the window after it is lowered (an admin's change) and can outnumber the new limit:
+        then nothing remains, never less."""
+        return cls(allowed, limit, max(0, limit - hits), reset_after)
 
     @property
     def retry_after(self) -> int:
@@ -147,7 +153,9 @@ class _LocalWindow:
             self.hits += 1
         # At most a window, as in Redis: the oldest hit arrived by now, wherever its slice ends.
         reset = slices[0][0] + self.slice_length + window - now if slices else 0.0
-        return WindowState(allowed, limit, max(0, limit - self.hits), min(window, max(0.0, reset)))
+        return WindowState.after(
+            allowed=allowed, limit=limit, hits=self.hits, reset_after=min(window, max(0.0, reset))
+        )
 
 
 class _LocalStore:
@@ -216,10 +224,9 @@ class _RedisStore:
         if self._sender is None or self._sender.done():
             self._sender = loop.create_task(self._send_waiting())
         allowed, hits, reset = await answer
-        # Never below 0: hits counted under a higher limit stay in the window after it is
-        # lowered (an admin's change), and can outnumber the new limit.
-        remaining = max(0, item.amount - int(hits))
-        return WindowState(bool(allowed), item.amount, remaining, float(reset))
+        return WindowState.after(
+            allowed=bool(allowed), limit=item.amount, hits=int(hits), reset_after=float(reset)
+        )
 
     async def _send_waiting(self) -> None:
         while self._waiting:
