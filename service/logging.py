@@ -14,7 +14,9 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, MutableMapping
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any, BinaryIO
 
@@ -40,6 +42,11 @@ _SECRET_PATTERN = re.compile(
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})
+_KNOWN_NAMES_MAX = 4096
+"""Field names remembered as not sensitive; past this many, names are checked every time."""
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("tenantserve_request_id", default=None)
+"""The id of the request being served, on every line logged while serving it, whoever logs it."""
 
 
 class Redactor:
@@ -47,6 +54,8 @@ class Redactor:
 
     def __init__(self, extra_keys: Iterable[str] = ()) -> None:
         self._keys = SENSITIVE_KEYS | {k.strip().lower() for k in extra_keys if k.strip()}
+        self._plain: set[str] = set()
+        """Names already found not sensitive: a line's names are mostly the same every time."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Redactor:
@@ -66,9 +75,13 @@ class Redactor:
                     mapping[key] = _SECRET_PATTERN.sub(MASK, value)
             elif kind not in _SCALARS:
                 mapping[key] = self._value(value)
-        sensitive = [k for k in mapping if isinstance(k, str) and k.lower() in self._keys]
-        for key in sensitive:
-            if mapping[key] is not None:
+        for key in mapping.keys() - self._plain:
+            if not isinstance(key, str):
+                continue
+            if key.lower() not in self._keys:
+                if len(self._plain) < _KNOWN_NAMES_MAX:
+                    self._plain.add(key)
+            elif mapping[key] is not None:
                 mapping[key] = MASK
         return mapping
 
@@ -82,6 +95,31 @@ class Redactor:
         if isinstance(value, (list, tuple)):
             return [self._value(v) for v in value]
         return value
+
+
+def _add_request_id(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        event_dict.setdefault("request_id", request_id)
+    return event_dict
+
+
+class _Timestamp:
+    """`timestamp`: UTC, ISO 8601 with microseconds and a `Z`, as structlog's `TimeStamper`
+    writes it, for less: the date and time of day are formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, _logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+        now = time.time()
+        second, formatted = self._second
+        if int(now) != second:
+            second = int(now)
+            formatted = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, formatted)
+        event_dict["timestamp"] = f"{formatted}.{int((now - second) * 1_000_000):06d}Z"
+        return event_dict
 
 
 def _drop_color_message(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
@@ -195,9 +233,9 @@ def _shared_processors(settings: Settings) -> list[Processor]:
         else structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
     )
     return [
-        structlog.contextvars.merge_contextvars,
+        _add_request_id,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _Timestamp(),
         _AddPid(),
         _drop_color_message,
         exceptions,

@@ -22,7 +22,7 @@ from service.api.context import RequestContext
 from service.api.problems import PROBLEM_CONTENT_TYPE, problem_body
 from service.api.ratelimit_headers import ratelimit_fields
 from service.config import Settings
-from service.logging import anonymise_ip
+from service.logging import REQUEST_ID, anonymise_ip
 from service.resources import Resources
 from tenants.errors import AppError, Overloaded, PayloadTooLarge
 from tenants.ids import fast_id
@@ -59,9 +59,7 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         request_id = self._request_id(scope)
-        # Every line logged while serving this request carries its id, whoever logs it.
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        REQUEST_ID.set(request_id)
         context = RequestContext(request_id=request_id)
         context.attach(scope)
         response: dict[str, Any] = {"status": 500, "started": False, "entry": None}
