@@ -19,15 +19,23 @@ class PasswordHasher:
             argon2__rounds=time_cost,
             argon2__parallelism=parallelism,
         )
-        # Verified against when the user does not exist, so both answers take the same time.
-        self._dummy_hash = self.hash("not-a-real-password-for-timing-only")
+        self._dummy_hash: str | None = None
+        """Verified against when the user does not exist, so both answers take the same time.
+
+        NOTE: made on the first such attempt, by hashing it (one argon2 run, as a verify is),
+        not at start: each argon2 run holds its whole memory cost (64 MiB by default) for a
+        moment, and every worker made one while starting, the largest part of its peak RSS.
+        """
 
     def hash(self, password: str) -> str:
         return str(self._context.hash(password))
 
     def verify(self, password: str, password_hash: str | None) -> bool:
         if password_hash is None:
-            self._context.verify(password, self._dummy_hash)
+            if self._dummy_hash is None:
+                self._dummy_hash = self.hash(password)
+            else:
+                self._context.verify(password, self._dummy_hash)
             return False
         try:
             return bool(self._context.verify(password, password_hash))
