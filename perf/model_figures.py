@@ -150,11 +150,14 @@ def server_figures(model_dir: Path, scratch: Path, starts: int, workers: int) ->
             label = "first start (new database)" if attempt == 0 else f"start {attempt}"
             print(f"  {label:<28} {ready_s:5.2f} s wall, {cpu_s:5.2f} s CPU")
             if attempt == starts:
+                ready = {pid: _memory_mb(pid) for pid in _workers(server, workers)}
                 _predict_with_both(server.url, admin)
                 for pid in _workers(server, workers):
                     memory = _memory_mb(pid)
                     print(
-                        f"worker {pid} after predictions with both versions: RSS "
+                        f"worker {pid} ready: RSS {ready[pid]['VmRSS']:.0f} MB (peak "
+                        f"{ready[pid]['VmHWM']:.0f}); after a sign-in (argon2: its memory cost "
+                        f"for a moment) and predictions with both versions: RSS "
                         f"{memory['VmRSS']:.0f} MB (peak {memory['VmHWM']:.0f}), PSS "
                         f"{memory['Pss']:.0f} MB, anonymous {memory['Anonymous']:.0f} MB; "
                         f"loaded of {', '.join(HEAVY)}: {', '.join(_loaded(pid, HEAVY)) or 'none'}"
