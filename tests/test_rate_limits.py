@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil  # type: ignore[import-untyped]
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service.config import Settings
@@ -469,6 +470,23 @@ def test_shared_limits_resume_when_redis_is_back(
         # Redis's window again: it still holds the two hits from before the outage.
         after = predict_times(client, key, 3)
     assert [r.status_code for r in after] == [200, 200, 429]
+
+
+def test_a_redis_that_lost_its_scripts_still_counts_the_shared_window(
+    make_settings: Callable[..., Settings], shared_redis: str
+) -> None:
+    """As after a Redis restart or failover: the window script is loaded again, and the hits
+    counted before are still counted."""
+    with app_client(make_settings, rate_limit_storage_uri=shared_redis) as client:
+        token = admin_token(client)
+        tenant = create_tenant(client, token, rate_limit="4/minute")
+        key = {"X-API-Key": issue_key(client, token, tenant["id"])["key"]}
+        assert [r.status_code for r in predict_times(client, key, 2)] == [200, 200]
+        redis.Redis.from_url(shared_redis).script_flush()
+        after = predict_times(client, key, 3)
+        assert client.get("/ready").json()["checks"]["rate_limit_storage"] == "ok"
+    assert [r.status_code for r in after] == [200, 200, 429]
+    assert [r.headers["X-RateLimit-Remaining"] for r in after] == ["1", "0", "0"]
 
 
 def test_limit_headers_come_with_validation_errors(client: TestClient) -> None:
