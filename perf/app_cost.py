@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000)
     # One part switched off at a time: WARNING drops the request line, write-behind the journal.
     parser.add_argument("--log-level", default="INFO", choices=["INFO", "WARNING"])
-    parser.add_argument("--durability", default="journal", choices=["journal", "write-behind"])
+    parser.add_argument(
+        "--durability", default="journal", choices=["journal", "written", "write-behind"]
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args(argv)
     # The request log goes to a file, as a server's would, not to this terminal.

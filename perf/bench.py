@@ -214,26 +214,28 @@ def _tenantserve(
             usage.after_restart = _usage_count(admin_client, tenant_id)
     finally:
         servers.stop(server)
-    rows.append(_write_behind(args, results, scratch, seconds, env, keys))
+    for durability in ("written", "write-behind"):
+        rows.append(_other_durability(args, results, scratch, seconds, env, keys, durability))
     setup = f"database {database.split(':', 1)[0]}, limiter {limiter.split(':', 1)[0]}"
     return usage, [*keys, admin[1]], setup
 
 
-def _write_behind(
+def _other_durability(
     args: argparse.Namespace,
     results: Path,
     scratch: Path,
     seconds: float,
     env: dict[str, str],
     keys: list[str],
+    durability: str,
 ) -> Row:
-    """(c) the single prediction again, usage written behind from memory (no journal fsync):
-    what durable metering costs, against (b) of the same version."""
-    env = {**env, "TENANTSERVE_USAGE_DURABILITY": "write-behind"}
-    server = servers.start_tenantserve(env, log_path=results / "write-behind.log", cwd=scratch)
+    """(c) the single prediction again, usage journalled without waiting for fsync (`written`)
+    or held in memory only (`write-behind`): what each guarantee costs, against (b)."""
+    env = {**env, "TENANTSERVE_USAGE_DURABILITY": durability}
+    server = servers.start_tenantserve(env, log_path=results / f"{durability}.log", cwd=scratch)
     try:
         target = Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys)
-        label = f"(c) write-behind single {BATCH_VERSION}"
+        label = f"(c) {durability} single {BATCH_VERSION}"
         return _measure(label, 1, server, target, args, seconds)
     finally:
         servers.stop(server)

@@ -97,9 +97,11 @@ class Settings(BaseSettings):
     usage_queue_max: int = Field(default=100_000, ge=10)
     """Queued usage records beyond which customer requests get 503 instead of going unrecorded."""
 
-    usage_durability: Literal["journal", "write-behind"] = "journal"
+    usage_durability: Literal["journal", "written", "write-behind"] = "journal"
     """`journal`: no answer leaves before its usage record is fsync'd to the worker's journal;
-    `write-behind`: records wait in memory only (a crash loses up to a flush interval's)."""
+    `written`: before it is written there (it survives the worker's crash or SIGKILL; fsync'd
+    behind, so a power loss can take the last ~50 ms); `write-behind`: records wait in memory
+    only (a crash loses up to a flush interval's)."""
 
     usage_journal_dir: Path = Path("./usage-journal")
     """Where each worker journals its usage records until the database has them; the next

@@ -1,13 +1,14 @@
 """Usage records that survive a crash (contract "Usage records", issue 14).
 
-An answer leaves only once its record is in the worker's journal on disk, so SIGKILL — of a
-loaded server, or of one whose database is unreachable — loses no answered request's record,
-and the replay at the next start writes none twice. The journal's reader survives a torn
-last line and a corrupt one.
+An answer leaves only once its record is in the worker's journal (fsync'd, or in `written`
+mode written), so SIGKILL — of a loaded server, or of one whose database is unreachable —
+loses no answered request's record, and the replay at the next start writes none twice. The
+journal's reader survives a torn last line and a corrupt one; its files do not pile up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -16,8 +17,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from service.config import Settings
-from tenants.usage.journal import encode
+from tenants.usage.journal import UsageJournal, encode
 from tenants.usage.records import UsageEntry
 from tests.conftest import (
     FEATURES,
@@ -93,11 +96,15 @@ def test_five_sigkills_under_load_lose_no_answered_record(
     assert '"event":"usage_journal_replayed"' in server.output()
 
 
+@pytest.mark.parametrize("durability", ["journal", "written"])
 def test_sigkill_while_the_database_is_unreachable_loses_nothing(
-    database_proxy: tuple[CuttableProxy, str], model_dir: Path, tmp_path: Path
+    database_proxy: tuple[CuttableProxy, str], model_dir: Path, tmp_path: Path, durability: str
 ) -> None:
     proxy, proxied_url = database_proxy
-    env = server_env(proxied_url, model_dir, usage_journal_dir=str(tmp_path / "journal"))
+    env = server_env(
+        proxied_url, model_dir, usage_journal_dir=str(tmp_path / "journal"),
+        usage_durability=durability,
+    )  # fmt: skip
     result = LoadResult()
     with live_server(env, tmp_path / "server.log") as server, server.client() as client:
         customer = new_customer(client, rate_limit="100000/minute")
@@ -154,3 +161,37 @@ def test_a_torn_and_a_corrupt_journal_are_replayed_up_to_what_is_whole(
             )
         assert sorted(r["request_id"] for r in records) == [e.request_id for e in whole]
         assert list(journal.glob("usage-*.journal")) == []
+
+
+def journal_files(directory: Path) -> list[Path]:
+    return list(directory.glob("usage-*.journal"))
+
+
+@pytest.mark.parametrize("durability", ["journal", "written"])
+def test_a_busy_journal_keeps_a_few_files_and_none_after_its_records_are_committed(
+    tmp_path: Path, durability: str
+) -> None:
+    queued: list[UsageEntry] = []
+
+    async def serve_and_commit() -> int:
+        journal = UsageJournal(
+            tmp_path, queued.extend, sync_before_answer=durability == "journal",
+            recycle_bytes=4096,
+        )  # fmt: skip
+        journal.open()
+        most_files = 0
+        for round_ in range(40):
+            waits = [journal.append(_entry(f"r{round_}-{n}", "t")) for n in range(25)]
+            await asyncio.gather(*waits)
+            await journal.drain()
+            journal.committed(25)  # as the recorder does once the database has them
+            most_files = max(most_files, len(journal_files(tmp_path)))
+        await journal.drain()
+        journal.close()
+        return most_files
+
+    most_files = asyncio.run(serve_and_commit())
+    assert len(queued) == 1000
+    assert [e.request_id for e in queued] == [f"r{r}-{n}" for r in range(40) for n in range(25)]
+    assert most_files <= 4, "segments left behind should be deleted once committed"
+    assert journal_files(tmp_path) == []

@@ -1,11 +1,20 @@
-"""The usage journal: records made durable on local disk before their answers leave.
+"""The usage journal: records on local disk before their answers leave.
 
 Each worker appends to its own segment file, one line a record: the CRC-32 of the JSON (8 hex
-digits), a space, the JSON. Records arriving while a write is in flight wait for the next one,
-so one `fsync` (in a thread: the event loop keeps serving) makes a whole group durable
-(group commit). A segment is deleted once every record in it is committed to the database,
-and replaced by a fresh one when it grows past `segment_bytes`; the one in use is truncated
-whenever everything in it is committed.
+digits), a space, the JSON. The event loop writes the records of each of its turns together,
+at the next turn: a write into the kernel's page cache, a few microseconds, after which they
+outlive the worker's crash or SIGKILL. A thread of the journal's own brings what was written
+to the disk with `fsync`, one at a time, each covering every record written before it began
+(group commit). With `sync_before_answer` (durability `journal`) an answer waits for the fsync
+that covers its record, so not even a power loss can take it; without it (`written`) the answer
+leaves once its record is written, and the fsync follows within `SYNC_BEHIND_S`. The loop never
+waits for the disk: a stalled fsync delays answers in `journal` mode only, and writing goes on.
+
+A record joins the recorder's queue once it is as durable as the mode promises, in the order
+written. Once a segment has grown past `recycle_bytes` and everything in it is committed to the
+database (or it has grown past `segment_bytes`, say while the database is away), writing moves
+to a fresh one that the thread made ahead; the thread deletes a segment once every record in it
+is committed. So the loop itself never creates, truncates or deletes a file.
 
 Every open segment is held under an exclusive `flock`, which dies with its process: at start,
 a worker claims each segment nobody holds (left by a crash, a kill, or a shutdown the database
@@ -23,7 +32,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +43,8 @@ from tenants.usage.records import UsageEntry
 
 log = structlog.get_logger("tenantserve.usage")
 SEGMENT_GLOB = "usage-*.journal"
+SYNC_BEHIND_S = 0.05
+"""In `written` mode, the pause after each fsync: at most ~20 a second, however busy."""
 
 
 def encode(entries: Iterable[UsageEntry]) -> bytes:
@@ -69,7 +80,8 @@ class Segment:
     fd: int
     size: int = 0
     uncommitted: int = 0
-    """Records written here (and queued) that the database has not committed yet."""
+    """Records written here that the database has not committed yet (and, in `journal` mode,
+    whose fsync has not failed)."""
 
     @classmethod
     def create(cls, directory: Path) -> Segment:
@@ -101,15 +113,15 @@ class Segment:
     def read(self) -> bytes:
         return os.pread(self.fd, self.size, 0)
 
-    def append(self, data: bytes) -> None:
-        os.write(self.fd, data)
-        os.fsync(self.fd)
+    def write(self, data: bytes) -> None:
+        """Append `data` whole, or raise (then whatever part was written is a torn tail)."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
         self.size += len(data)
 
-    def truncate(self) -> None:
-        os.ftruncate(self.fd, 0)
+    def sync(self) -> None:
         os.fsync(self.fd)
-        self.size = 0
 
     def delete(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -125,33 +137,51 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _sync_all(segments: Iterable[Segment]) -> None:
+    for segment in segments:
+        segment.sync()
+
+
 @dataclass(eq=False)
-class _Group:
+class _Batch:
+    """Records appended in one turn of the event loop, written together at the next."""
+
     entries: list[UsageEntry] = field(default_factory=list)
-    durable: asyncio.Future[None] | None = None
+    done: asyncio.Future[None] | None = None
+    """Done once the batch is written (`written`) or synced (`journal`)."""
 
 
 class UsageJournal:
-    """Group-committed, per-worker journal segments, and the orphans this worker replays."""
+    """Per-worker journal segments, synced in groups, and the orphans this worker replays."""
 
     def __init__(
         self,
         directory: Path,
         on_durable: Callable[[list[UsageEntry]], None],
         *,
+        sync_before_answer: bool = True,
         segment_bytes: int = 4 << 20,
+        recycle_bytes: int = 256 << 10,
     ) -> None:
         self._directory = directory
         self._on_durable = on_durable
-        """Where records go once on disk (the recorder's queue), in the order written."""
+        """Where records go once durable (the recorder's queue), in the order written."""
+        self._sync_before_answer = sync_before_answer
         self._segment_bytes = segment_bytes
+        self._recycle_bytes = recycle_bytes
         self._segments: deque[Segment] = deque()
         """Oldest first, in the order their records sit in the recorder's queue."""
         self._current: Segment | None = None
-        self._waiting = _Group()
-        self._writer: asyncio.Task[None] | None = None
-        # A thread of its own, handed each group without a copy of the context: on a small VM
-        # that is ~70 µs of CPU a group where `asyncio.to_thread` took ~90 (perf/README.md).
+        self._spare: Future[Segment] | None = None
+        self._batch = _Batch()
+        self._dirty: set[Segment] = set()
+        """Segments written since the last fsync began."""
+        self._unsynced: list[tuple[Segment, _Batch]] = []
+        """`journal` mode: the batches written since the last fsync began, answered by the next."""
+        self._syncer: asyncio.Task[None] | None = None
+        # A thread of its own, handed each job without a copy of the context: on a small VM
+        # that is ~70 µs of CPU a round trip where `asyncio.to_thread` took ~90 (perf/README).
+        # One thread: segments are created, synced and deleted in the order asked.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-journal")
 
     def claim_orphans(self) -> Iterator[UsageEntry]:
@@ -170,48 +200,103 @@ class UsageJournal:
             log.info("usage_journal_replayed", records=len(entries), file=path.name)
             yield from entries
 
+    def open(self) -> None:
+        """A segment to write and a spare, made at start (the only time the caller waits)."""
+        self._directory.mkdir(parents=True, exist_ok=True)
+        self._current = Segment.create(self._directory)
+        self._segments.append(self._current)
+        self._spare = self._thread.submit(Segment.create, self._directory)
+
     def append(self, entry: UsageEntry) -> asyncio.Future[None]:
-        """A future done once `entry` is on disk; the entry joins the next group written."""
-        group = self._waiting
-        group.entries.append(entry)
-        if group.durable is None:
-            group.durable = asyncio.get_running_loop().create_future()
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_groups())
-        return group.durable
+        """A future done once `entry` is written (`written`) or on disk (`journal`); it raises
+        the OSError of a write or fsync that failed."""
+        batch = self._batch
+        batch.entries.append(entry)
+        if batch.done is None:
+            loop = asyncio.get_running_loop()
+            batch.done = loop.create_future()
+            loop.call_soon(self._write_batch)  # one write a turn, however many requests
+        return batch.done
 
-    async def _write_groups(self) -> None:
+    def _write_batch(self) -> None:
+        batch, self._batch = self._batch, _Batch()
+        assert batch.done is not None
         try:
-            while self._waiting.entries:
-                group, self._waiting = self._waiting, _Group()
-                assert group.durable is not None
-                try:
-                    segment = await asyncio.get_running_loop().run_in_executor(
-                        self._thread, self._write, group.entries
-                    )
-                except OSError as exc:
-                    log.error("usage_journal_write_failed", error=str(exc))
-                    group.durable.set_exception(exc)
-                    continue
-                segment.uncommitted += len(group.entries)
-                self._on_durable(group.entries)
-                group.durable.set_result(None)
-        finally:
-            self._writer = None
+            segment = self._segment_to_write()
+            try:
+                segment.write(encode(batch.entries))
+            except OSError:
+                self._current = None  # its tail may be torn: the next batch starts a fresh one
+                raise
+        except OSError as exc:
+            log.error("usage_journal_write_failed", error=str(exc))
+            batch.done.set_exception(exc)
+            return
+        segment.uncommitted += len(batch.entries)
+        self._dirty.add(segment)
+        if self._sync_before_answer:
+            self._unsynced.append((segment, batch))
+        else:
+            self._on_durable(batch.entries)
+            batch.done.set_result(None)
+        if self._syncer is None:
+            self._syncer = asyncio.get_running_loop().create_task(self._sync_written())
 
-    def _write(self, entries: list[UsageEntry]) -> Segment:
-        """In the writer thread, one group at a time: the only place segments are created,
-        written or truncated. (A segment's `uncommitted` only grows after this returns, so
-        when it reads 0 here nothing in the file is still needed.)"""
-        data = encode(entries)
+    def _segment_to_write(self) -> Segment:
+        """The current segment, or the spare once the current one is due to be left."""
         current = self._current
-        if current is not None and current.uncommitted == 0 and current.size:
-            current.truncate()
-        elif current is None or current.size >= self._segment_bytes:
-            current = self._current = Segment.create(self._directory)
-            self._segments.append(current)
-        current.append(data)
-        return current
+        spare = self._spare
+        assert spare is not None, "open() first"
+        if current is not None and (
+            current.size < self._recycle_bytes
+            or (current.uncommitted and current.size < self._segment_bytes)
+            or not spare.done()
+        ):
+            return current
+        if not spare.done():
+            raise OSError("no journal segment is ready to write")
+        self._spare = self._thread.submit(Segment.create, self._directory)
+        try:
+            fresh = spare.result()
+        except OSError:
+            if current is None:
+                raise
+            return current
+        self._current = fresh
+        self._segments.append(fresh)
+        if current is not None and current.uncommitted == 0:
+            self._retire(current)
+        return fresh
+
+    def _retire(self, segment: Segment) -> None:
+        """Delete `segment`, all of it committed, in the thread (after any fsync under way)."""
+        self._segments.remove(segment)
+        self._dirty.discard(segment)
+        self._thread.submit(segment.delete)
+
+    async def _sync_written(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, set()
+                unsynced, self._unsynced = self._unsynced, []
+                try:
+                    await loop.run_in_executor(self._thread, _sync_all, dirty)
+                except OSError as exc:
+                    log.error("usage_journal_sync_failed", error=str(exc))
+                    for segment, batch in unsynced:
+                        segment.uncommitted -= len(batch.entries)  # never queued: 503 answers
+                        assert batch.done is not None
+                        batch.done.set_exception(exc)
+                else:
+                    for _, batch in unsynced:
+                        self._on_durable(batch.entries)
+                        assert batch.done is not None
+                        batch.done.set_result(None)
+                if not self._sync_before_answer:
+                    await asyncio.sleep(SYNC_BEHIND_S)
+        finally:
+            self._syncer = None
 
     def committed(self, count: int) -> None:
         """`count` more records, oldest first, are in the database: drop what holds only them."""
@@ -222,16 +307,21 @@ class UsageJournal:
             count -= taken
             if oldest.uncommitted or oldest is self._current:
                 return
-            self._segments.popleft().delete()
+            self._retire(oldest)
 
     async def drain(self) -> None:
-        """Wait for the writes under way."""
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
+        """Wait until everything appended is written and synced."""
+        while self._batch.done is not None or self._syncer is not None:
+            if self._syncer is None:
+                await asyncio.sleep(0)  # this turn's batch is written at the next
+            else:
+                await asyncio.shield(self._syncer)
 
     def close(self) -> None:
         """Delete the segments that hold nothing uncommitted; release the others' locks."""
         self._thread.shutdown(wait=True)
+        if self._spare is not None and self._spare.exception() is None:
+            self._spare.result().delete()
         for segment in self._segments:
             if segment.uncommitted == 0:
                 segment.delete()
@@ -241,12 +331,13 @@ class UsageJournal:
                     "usage_left_in_journal", records=segment.uncommitted, file=segment.path.name
                 )
         self._segments.clear()
-        self._current = None
+        self._current = self._spare = None
 
     def dump(self, entries: list[UsageEntry]) -> None:
         """Write `entries` to a segment of their own for the next start (write-behind shutdown)."""
         self._directory.mkdir(parents=True, exist_ok=True)
         segment = Segment.create(self._directory)
-        segment.append(encode(entries))
+        segment.write(encode(entries))
+        segment.sync()
         os.close(segment.fd)
         log.error("usage_left_in_journal", records=len(entries), file=segment.path.name)

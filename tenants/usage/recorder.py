@@ -1,9 +1,11 @@
 """Usage records: made durable in the worker's journal, then written behind in batches.
 
 A request never waits for the database. With `durability="journal"` (the default) its record
-goes to the journal (`tenants.usage.journal`) and its answer waits for the group's fsync, so
-no answer leaves whose record a crash could lose; with `"write-behind"` the record only joins
-the in-memory queue (microseconds), and a crash loses what was queued. A background task
+is written to the journal (`tenants.usage.journal`) and its answer waits for the group's
+fsync, so no answer leaves whose record a crash, a kill or a power loss could lose; with
+`"written"` the answer waits only for the write (the record survives the worker's crash or
+SIGKILL, and is fsync'd behind); with `"write-behind"` the record only joins the in-memory
+queue, and a crash loses what was queued. A background task
 writes up to `max_rows` queued records at a time, at least every `interval`. A record leaves
 the queue only after its write committed; the write skips ids already present, so a flush
 retried after a lost connection — or a journal replayed after a crash — cannot write a record
@@ -42,15 +44,17 @@ class UsageRecorder:
         max_rows: int,
         max_queue: int,
         journal_dir: Path,
-        durability: Literal["journal", "write-behind"] = "journal",
+        durability: Literal["journal", "written", "write-behind"] = "journal",
     ) -> None:
         self._writer = UsageWriter(engine)
         self._interval = interval_s
         self._max_rows = max_rows
         self._max_queue = max_queue
         self._queue: deque[UsageEntry] = deque()
-        self._journal = UsageJournal(journal_dir, self._enqueue)
-        self._durable = durability == "journal"
+        self._journal = UsageJournal(
+            journal_dir, self._enqueue, sync_before_answer=durability == "journal"
+        )
+        self._journaled = durability != "write-behind"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
@@ -84,12 +88,12 @@ class UsageRecorder:
 
     def add(self, entry: UsageEntry) -> Awaitable[None] | None:
         """Record `entry`; with a journal, an awaitable done once a crash cannot lose it."""
-        if self._durable:
-            # Shielded: the group's one future is shared, and a cancelled waiter must not
-            # cancel it for the rest of the group.
-            return asyncio.shield(self._journal.append(entry))
-        self._enqueue([entry])
-        return None
+        if not self._journaled:
+            self._enqueue([entry])
+            return None
+        # Shielded: the batch's one future is shared, and a cancelled waiter must not cancel
+        # it for the rest of the batch.
+        return asyncio.shield(self._journal.append(entry))
 
     def _enqueue(self, entries: list[UsageEntry]) -> None:
         self._queue.extend(entries)
@@ -100,6 +104,8 @@ class UsageRecorder:
         # The journal is claimed and replayed even in write-behind mode: a shutdown that the
         # database would not wait for leaves its records there.
         self._queue.extend(self._journal.claim_orphans())
+        if self._journaled:
+            self._journal.open()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-flusher")
 
     async def _run(self) -> None:
@@ -149,7 +155,7 @@ class UsageRecorder:
                 flushed = await self._flush_once()
             if not flushed:
                 await asyncio.sleep(0.5)
-        if self._queue and not self._durable:
+        if self._queue and not self._journaled:
             self._journal.dump(list(self._queue))
             self._journal.committed(len(self._queue))  # replayed segments: now in the dump
         self._journal.close()
