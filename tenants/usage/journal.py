@@ -146,9 +146,9 @@ def _sync_all(segments: Iterable[Segment]) -> None:
 class _Batch:
     """Records appended in one turn of the event loop, written together at the next."""
 
-    entries: list[UsageEntry] = field(default_factory=list)
-    done: asyncio.Future[None] | None = None
+    done: asyncio.Future[None]
     """Done once the batch is written (`written`) or synced (`journal`)."""
+    entries: list[UsageEntry] = field(default_factory=list)
 
 
 class UsageJournal:
@@ -173,7 +173,8 @@ class UsageJournal:
         """Oldest first, in the order their records sit in the recorder's queue."""
         self._current: Segment | None = None
         self._spare: Future[Segment] | None = None
-        self._batch = _Batch()
+        self._batch: _Batch | None = None
+        """This turn's records, written at the next."""
         self._dirty: set[Segment] = set()
         """Segments written since the last fsync began."""
         self._unsynced: list[tuple[Segment, _Batch]] = []
@@ -211,16 +212,16 @@ class UsageJournal:
         """A future done once `entry` is written (`written`) or on disk (`journal`); it raises
         the OSError of a write or fsync that failed."""
         batch = self._batch
-        batch.entries.append(entry)
-        if batch.done is None:
+        if batch is None:
             loop = asyncio.get_running_loop()
-            batch.done = loop.create_future()
+            batch = self._batch = _Batch(loop.create_future())
             loop.call_soon(self._write_batch)  # one write a turn, however many requests
+        batch.entries.append(entry)
         return batch.done
 
     def _write_batch(self) -> None:
-        batch, self._batch = self._batch, _Batch()
-        assert batch.done is not None
+        batch, self._batch = self._batch, None
+        assert batch is not None
         try:
             segment = self._segment_to_write()
             try:
@@ -244,8 +245,7 @@ class UsageJournal:
 
     def _segment_to_write(self) -> Segment:
         """The current segment, or the spare once the current one is due to be left."""
-        current = self._current
-        spare = self._spare
+        current, spare = self._current, self._spare
         assert spare is not None, "open() first"
         if current is not None and (
             current.size < self._recycle_bytes
@@ -253,7 +253,7 @@ class UsageJournal:
             or not spare.done()
         ):
             return current
-        if not spare.done():
+        if not spare.done():  # the current one failed a write, and the spare is still coming
             raise OSError("no journal segment is ready to write")
         self._spare = self._thread.submit(Segment.create, self._directory)
         try:
@@ -286,12 +286,10 @@ class UsageJournal:
                     log.error("usage_journal_sync_failed", error=str(exc))
                     for segment, batch in unsynced:
                         segment.uncommitted -= len(batch.entries)  # never queued: 503 answers
-                        assert batch.done is not None
                         batch.done.set_exception(exc)
                 else:
                     for _, batch in unsynced:
                         self._on_durable(batch.entries)
-                        assert batch.done is not None
                         batch.done.set_result(None)
                 if not self._sync_before_answer:
                     await asyncio.sleep(SYNC_BEHIND_S)
@@ -311,7 +309,7 @@ class UsageJournal:
 
     async def drain(self) -> None:
         """Wait until everything appended is written and synced."""
-        while self._batch.done is not None or self._syncer is not None:
+        while self._batch is not None or self._syncer is not None:
             if self._syncer is None:
                 await asyncio.sleep(0)  # this turn's batch is written at the next
             else:

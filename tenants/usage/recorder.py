@@ -5,8 +5,8 @@ is written to the journal (`tenants.usage.journal`) and its answer waits for the
 fsync, so no answer leaves whose record a crash, a kill or a power loss could lose; with
 `"written"` the answer waits only for the write (the record survives the worker's crash or
 SIGKILL, and is fsync'd behind); with `"write-behind"` the record only joins the in-memory
-queue, and a crash loses what was queued. A background task
-writes up to `max_rows` queued records at a time, at least every `interval`. A record leaves
+queue, and a crash loses what was queued. A background task writes up to `max_rows` queued
+records at a time, at least every `interval`. A record leaves
 the queue only after its write committed; the write skips ids already present, so a flush
 retried after a lost connection — or a journal replayed after a crash — cannot write a record
 twice. While the database is away the queue grows; at `max_queue` customers get 503 rather
