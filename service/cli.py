@@ -21,8 +21,10 @@ from typing import Any
 import structlog
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings, get_settings
+from service.listening import SPREADS_CONNECTIONS, ReusePortSocket
 from service.logging import configure_logging, stdlib_logging_config
 from service.serving.registry import (
     ALGORITHMS,
@@ -38,6 +40,7 @@ from tenants.errors import AppError
 from tenants.schemas import KeyCreate, TenantCreate, TenantPublic, UserCreate, UserPublic
 
 log = structlog.get_logger("tenantserve.cli")
+APP = "service.main:create_app"
 NEW_USER_PASSWORD_ENV = "TENANTSERVE_NEW_USER_PASSWORD"
 
 
@@ -79,6 +82,21 @@ def _train_default_versions(model_dir: Path) -> list[str]:
     return trained
 
 
+def _serve_with_a_socket_per_worker(config: uvicorn.Config) -> None:
+    """uvicorn's supervisor, with the listener of `service.listening` in place of its shared one."""
+    try:
+        listener = ReusePortSocket.for_workers(config.host, config.port)
+    except OSError as exc:
+        sys.exit(f"tenantserve: refusing to start: {config.host}:{config.port}: {exc.strerror}")
+    log.info(
+        "listening",
+        url=f"http://{config.host}:{config.port}",
+        workers=config.workers,
+        socket="one per worker (SO_REUSEPORT)",
+    )
+    Multiprocess(config, sockets=[listener]).run()
+
+
 def serve(_args: argparse.Namespace) -> None:
     settings = _settings()
     configure_logging(settings)
@@ -114,25 +132,28 @@ def serve(_args: argparse.Namespace) -> None:
                 ".venv/bin/tenantserve keys issue --tenant demo --name first-key",
             ],
         )
-    uvicorn.run(
-        "service.main:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_config=stdlib_logging_config(settings),
-        access_log=False,
-        timeout_graceful_shutdown=30,
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.workers,
+        "log_config": stdlib_logging_config(settings),
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
         # uvicorn's default of 5 s can kill a worker still importing its libraries on a busy
         # host; its replacement starts just as slowly, so the server never comes up.
-        timeout_worker_healthcheck=30,
-        server_header=False,
+        "timeout_worker_healthcheck": 30,
+        "server_header": False,
         # Behind a trusted proxy `scope["client"]` is the real caller: failed authentications
         # are counted per client address.
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
-        ws="none",  # no WebSocket routes: an upgrade attempt is refused before any app code
-    )
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        "ws": "none",  # no WebSocket routes: an upgrade attempt is refused before any app code
+    }
+    if settings.workers > 1 and SPREADS_CONNECTIONS:
+        _serve_with_a_socket_per_worker(uvicorn.Config(APP, **options))
+    else:
+        uvicorn.run(APP, **options)
     if metrics_dir:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

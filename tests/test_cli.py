@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -142,3 +143,20 @@ def test_no_command_takes_a_secret_on_its_command_line(tenantserve: Run) -> None
     )  # fmt: skip
     assert refused.returncode == 2
     assert "unrecognized arguments: --password" in refused.stderr
+
+
+def test_serve_refuses_a_port_another_server_listens_on(tenantserve: Run) -> None:
+    # Listening as a server of several workers does, with SO_REUSEPORT: a second server with
+    # workers of its own must still refuse the port, not quietly share its traffic.
+    with socket.socket() as other_server:
+        other_server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen()
+        port = other_server.getsockname()[1]
+        for workers in ("1", "2"):
+            env = {"TENANTSERVE_WORKERS": workers, "TENANTSERVE_PORT": str(port)}
+            result = tenantserve("serve", env=env, ok=False)
+            said = result.stdout + result.stderr  # one worker: uvicorn's log line; more: ours
+            assert result.returncode != 0
+            assert "address already in use" in said.lower()
+            assert "Traceback" not in said
