@@ -41,6 +41,7 @@ class Row:
     items: int  # predictions per request
     result: LoadResult
     server_cpu_us: float  # server CPU time per request, all its processes
+    busiest_worker: float | None  # its share of the workers' CPU time: 0.5 is an even split of 2
 
     @property
     def predictions_per_second(self) -> float:
@@ -67,11 +68,17 @@ def _measure(
     args: argparse.Namespace,
     seconds: float,
 ) -> Row:
-    """Load `target` and also count the server's CPU time, robust where requests/s is noisy."""
-    cpu = servers.tree_cpu_seconds(server.process.pid)
+    """Load `target` and also count the server's CPU time, robust where requests/s is noisy, and
+    how evenly its workers shared the load."""
+    before = servers.tree_cpu_seconds(server.process.pid)
     result = run_load(target, connections=args.connections, seconds=seconds, tool=args.tool)
-    cpu = servers.tree_cpu_seconds(server.process.pid) - cpu
-    return Row(scenario, items, result, cpu * 1e6 / result.requests if result.requests else 0.0)
+    after = servers.tree_cpu_seconds(server.process.pid)
+    used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+    cpu_us = sum(used.values()) * 1e6 / result.requests if result.requests else 0.0
+    # With several workers the server's own process is their supervisor, which serves nothing.
+    workers = [cpu for pid, cpu in used.items() if pid != server.process.pid]
+    busiest = max(workers) / sum(workers) if args.workers > 1 and sum(workers) else None
+    return Row(scenario, items, result, cpu_us, busiest)
 
 
 def _batch_body(size: int) -> bytes:
@@ -85,10 +92,12 @@ def _bare(args: argparse.Namespace, results: Path, seconds: float) -> Row:
     command = [
         str(servers.BIN / "uvicorn"), "perf.bare_app:app", "--host", servers.LOOPBACK,
         "--port", str(port), "--workers", str(args.workers), "--no-access-log",
-        "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+        "--loop", "uvloop", "--http", "httptools", "--log-level", "info",
     ]  # fmt: skip
     root = Path(__file__).resolve().parent.parent
-    server = servers.start("bare", command, port=port, log_path=results / "bare.log", cwd=root)
+    server = servers.start(
+        "bare", command, port=port, log_path=results / "bare.log", cwd=root, workers=args.workers
+    )
     try:
         # The bare app ignores the key header; it is sent so that both requests have one size.
         target = Target(port, "/v1/predict", json.dumps(IRIS).encode(), ["tsk_unused"])
@@ -244,14 +253,15 @@ def _other_durability(
 def _print_table(rows: list[Row]) -> None:
     reference = rows[0].result.rps if rows and rows[0].scenario.startswith("(a)") else 0.0
     header = f"{'scenario':<38} {'req/s':>8} {'pred/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-    print(header + f"{'non-2xx':>8} {'sock':>5} {'vs (a)':>7} {'CPU µs/req':>10}")
+    print(header + f"{'non-2xx':>8} {'sock':>5} {'vs (a)':>7} {'CPU µs/req':>10} {'busiest':>7}")
     for row in rows:
         r = row.result
         ratio = f"{r.rps / reference:.2f}" if reference else "-"
+        busiest = f"{row.busiest_worker:.2f}" if row.busiest_worker is not None else "-"
         print(
             f"{row.scenario:<38} {r.rps:>8.0f} {row.predictions_per_second:>9.0f} "
             f"{r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.non_2xx:>8} {r.socket_errors:>5} {ratio:>7} "
-            f"{row.server_cpu_us:>10.0f}"
+            f"{row.server_cpu_us:>10.0f} {busiest:>7}"
         )
 
 
@@ -322,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 "scenario": row.scenario,
                 "items": row.items,
                 "server_cpu_us": row.server_cpu_us,
+                "busiest_worker": row.busiest_worker,
             }
             for row in rows
         ],

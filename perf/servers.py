@@ -69,9 +69,15 @@ def start(
     cwd: Path | None = None,
     ready_within: float = 180.0,
     probe: str = "/health",
+    workers: int = 1,
 ) -> Server:
-    """Start `command` and wait until `GET probe` answers 200; raises (and stops it) if not."""
+    """Start `command` and wait until all its `workers` have started and `GET probe` answers 200;
+    raises (and stops it) if not.
+
+    A load that starts before the last worker listens opens every connection to the others.
+    """
     log_file = log_path.open("ab")
+    log_start = log_file.tell()
     process = subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
@@ -88,13 +94,23 @@ def start(
             stop(server)
             raise RuntimeError(f"{name} exited with {process.returncode}: see {log_path}")
         try:
-            if httpx.get(f"{server.url}{probe}", timeout=1).status_code == 200:
+            if (
+                _workers_started(log_path, log_start) >= workers
+                and httpx.get(f"{server.url}{probe}", timeout=1).status_code == 200
+            ):
                 return server
         except httpx.TransportError:
             pass
         time.sleep(0.05)
     stop(server)
     raise RuntimeError(f"{name} did not answer {probe} within {ready_within:.0f} s: see {log_path}")
+
+
+def _workers_started(log_path: Path, since: int) -> int:
+    """uvicorn logs this line once per worker, in our JSON log and in its own plain one alike."""
+    with log_path.open("rb") as log:
+        log.seek(since)
+        return log.read().count(b"Application startup complete")
 
 
 def stop(server: Server, *, grace: float = 30.0) -> bool:
@@ -153,6 +169,7 @@ def start_tenantserve(
         env=env,
         cwd=cwd,
         probe=probe,
+        workers=int(env["TENANTSERVE_WORKERS"]),
     )
 
 
@@ -206,16 +223,17 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by `pid` and its live descendants.
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time (user + system) used so far by `pid` and by each of its live descendants.
 
     Unlike requests/s, CPU per request hardly moves when other work shares the cores.
     """
-    ticks = 0
+    seconds = {}
     for member in _tree(pid):
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    return ticks / os.sysconf("SC_CLK_TCK")
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+        seconds[member] = ticks / os.sysconf("SC_CLK_TCK")
+    return seconds
