@@ -137,24 +137,19 @@ def test_a_burst_of_twice_the_limit_admits_exactly_the_limit_across_instances(
 ) -> None:
     with httpx.Client(base_url=cluster.url, timeout=10) as client:
         customer = new_customer(client, rate_limit="20/minute")
-    before = [served_predictions(server) for server in cluster.instances]
     gate = threading.Barrier(40, timeout=30)
 
-    def one(_: int) -> int:
-        with httpx.Client(base_url=cluster.url, timeout=10) as fresh:  # its own connection
+    def one(index: int) -> int:
+        # Half straight to each instance: the balancer's choice (an instance it has just
+        # counted out after a slow check on a busy machine) must not decide what is tested.
+        with cluster.instances[index % 2].client() as fresh:  # its own connection
             gate.wait()
             return predict(fresh, customer, f"burst-{uuid.uuid4().hex}").status_code
 
     with ThreadPoolExecutor(40) as pool:
         statuses = Counter(pool.map(one, range(40)))
+    # 20 to each instance: limits kept per instance would have admitted all 40.
     assert statuses == {200: 20, 429: 20}
-    # Both instances served part of the burst (the request log line follows the answer).
-    wait_for(
-        lambda: all(
-            served_predictions(s) > b for s, b in zip(cluster.instances, before, strict=True)
-        ),
-        within=5,
-    )
 
 
 def test_revocation_and_activation_reach_both_instances_within_a_second(cluster: Cluster) -> None:
