@@ -75,6 +75,7 @@ def start(
     raises (and stops it) if not.
 
     A load that starts before the last worker listens opens every connection to the others.
+    Several workers are counted by their start-up lines, which need log level INFO.
     """
     log_file = log_path.open("ab")
     log_start = log_file.tell()
@@ -95,7 +96,7 @@ def start(
             raise RuntimeError(f"{name} exited with {process.returncode}: see {log_path}")
         try:
             if (
-                _workers_started(log_path, log_start) >= workers
+                (workers == 1 or _workers_started(log_path, log_start) >= workers)
                 and httpx.get(f"{server.url}{probe}", timeout=1).status_code == 200
             ):
                 return server

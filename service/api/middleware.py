@@ -22,7 +22,7 @@ from service.api.context import RequestContext
 from service.api.problems import PROBLEM_CONTENT_TYPE, problem_body
 from service.api.ratelimit_headers import ratelimit_fields
 from service.config import Settings
-from service.logging import REQUEST_ID, anonymise_ip
+from service.logging import REQUEST_ID, anonymise_ip, log_info
 from service.resources import Resources
 from tenants.errors import AppError, Overloaded, PayloadTooLarge
 from tenants.ids import fast_id
@@ -216,4 +216,4 @@ class RequestMiddleware:
                 fields["replay"] = True
         if self.log_features and context.features is not None:
             fields["features"] = context.features
-        log.info("request", **fields)
+        log_info(log, "request", fields)
