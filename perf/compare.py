@@ -8,17 +8,29 @@ so compare revisions with the same lock file.
 
     .venv/bin/python -m perf.compare                      # working tree against HEAD
     .venv/bin/python -m perf.compare --base fa0ee77 --rounds 4 -- --version v1-forest
+    .venv/bin/python -m perf.compare --served             # real servers under wrk instead
+
+`--served` measures what `app_cost` leaves out (uvicorn, the network, requests that arrive
+spread out instead of all at once): each round starts `tenantserve serve` from both checkouts
+(one worker, SQLite, the Redis limiter when Redis answers), loads both at the same time, and
+compares their server CPU a request.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+
+from perf import provision, servers
+from perf.loadgen import Target, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 _FIGURE = re.compile(r"([0-9.]+) µs of CPU a request")
@@ -37,10 +49,80 @@ def _figure(process: subprocess.Popen[str]) -> float:
     return float(found.group(1))
 
 
+def _app_cost_round(base: Path, app_cost_args: list[str]) -> tuple[float, float]:
+    runs = [_start(base, app_cost_args), _start(ROOT, app_cost_args)]
+    before, after = (_figure(run) for run in runs)
+    return before, after
+
+
+IRIS = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+
+
+def _served_round(base: Path, connections: int, seconds: float) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(prefix="tenantserve-compare-served-") as folder:
+        scratch = Path(folder)
+        started = [
+            _serve(checkout, scratch / name) for checkout, name in ((base, "base"), (ROOT, "this"))
+        ]
+        try:
+            targets = [_provisioned(server, admin) for server, admin in started]
+            cpu = [0.0, 0.0]
+            requests = [0, 0]
+
+            def measure(index: int) -> None:
+                server = started[index][0]
+                before = sum(servers.tree_cpu_seconds(server.process.pid).values())
+                result = run_load(targets[index], connections=connections, seconds=seconds)
+                cpu[index] = sum(servers.tree_cpu_seconds(server.process.pid).values()) - before
+                requests[index] = result.requests
+
+            loads = [threading.Thread(target=measure, args=(index,)) for index in (0, 1)]
+            for load in loads:
+                load.start()
+            for load in loads:
+                load.join()
+        finally:
+            for server, _ in started:
+                servers.stop(server)
+    before, after = (cpu[i] * 1e6 / requests[i] if requests[i] else float("nan") for i in (0, 1))
+    return before, after
+
+
+def _serve(checkout: Path, scratch: Path) -> tuple[servers.Server, tuple[str, str]]:
+    """`tenantserve serve` of `checkout`, one worker, in a folder of its own."""
+    scratch.mkdir()
+    admin = ("perf-admin", secrets.token_urlsafe(24))
+    limiter = "redis://127.0.0.1:6379/14" if servers.redis_answers() else "memory://"
+    env = servers.tenantserve_env(
+        port=servers.free_port(), workers=1, database_url=f"sqlite:///{scratch / 'c.db'}",
+        limiter_uri=limiter, model_dir=scratch / "models", admin=admin,
+    )  # fmt: skip
+    env.update(PYTHONPATH=str(checkout), TENANTSERVE_MODEL_VERSION="v2-logreg")
+    command = [sys.executable, "-m", "service", "serve"]
+    port = int(env["TENANTSERVE_PORT"])
+    log = scratch / "server.log"
+    return servers.start(
+        scratch.name, command, port=port, log_path=log, env=env, cwd=scratch
+    ), admin
+
+
+def _provisioned(server: servers.Server, admin: tuple[str, str]) -> Target:
+    _, keys = provision.provision(
+        server.url, username=admin[0], password=admin[1], tenant="compare",
+        keys=8, rate_limit="1000000000/minute",
+    )  # fmt: skip
+    run_load(Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys),
+             connections=8, seconds=1)  # warm up  # fmt: skip
+    return Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.compare", description=__doc__)
     parser.add_argument("--base", default="HEAD", help="the revision to compare against")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--served", action="store_true", help="real servers under wrk")
+    parser.add_argument("--connections", type=int, default=32, help="with --served, each")
+    parser.add_argument("--seconds", type=float, default=8.0, help="with --served")
     parser.add_argument("app_cost_args", nargs="*", help="after --: passed to perf.app_cost")
     args = parser.parse_args(argv)
     passed = args.app_cost_args or ["--requests", "30000", "--concurrency", "32"]
@@ -53,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ratios = []
             for round_ in range(1, args.rounds + 1):
-                runs = [_start(base, passed), _start(ROOT, passed)]
-                before, after = (_figure(run) for run in runs)
+                if args.served:
+                    before, after = _served_round(base, args.connections, args.seconds)
+                else:
+                    before, after = _app_cost_round(base, passed)
                 ratios.append(after / before)
                 print(f"round {round_}: {args.base} {before:.1f} µs, this checkout {after:.1f} µs, "
                       f"ratio {after / before:.3f}")  # fmt: skip
