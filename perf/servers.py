@@ -94,11 +94,9 @@ def start(
         if process.poll() is not None:
             stop(server)
             raise RuntimeError(f"{name} exited with {process.returncode}: see {log_path}")
+        all_started = workers == 1 or _workers_started(log_path, log_start) >= workers
         try:
-            if (
-                (workers == 1 or _workers_started(log_path, log_start) >= workers)
-                and httpx.get(f"{server.url}{probe}", timeout=1).status_code == 200
-            ):
+            if all_started and httpx.get(f"{server.url}{probe}", timeout=1).status_code == 200:
                 return server
         except httpx.TransportError:
             pass
