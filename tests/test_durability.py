@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import threading
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -195,3 +197,46 @@ def test_a_busy_journal_keeps_a_few_files_and_none_after_its_records_are_committ
     assert [e.request_id for e in queued] == [f"r{r}-{n}" for r in range(40) for n in range(25)]
     assert most_files <= 4, "segments left behind should be deleted once committed"
     assert journal_files(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB filesystem of its own (tmpfs), for a journal that runs out of room."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_journal_disk_answers_503_and_still_records_every_request(
+    make_settings: Callable[..., Settings], database_url: str, small_disk: Path
+) -> None:
+    with app_client(make_settings, usage_journal_dir=small_disk) as client:
+        customer = new_customer(client, rate_limit="100000/minute")
+        answers = [
+            client.post("/v1/predict", json=FEATURES, headers=customer.headers) for _ in range(600)
+        ]
+        in_order = [answer.status_code for answer in answers]
+        statuses = Counter(in_order)
+        refused = [answer for answer in answers if answer.status_code == 503]
+        assert set(statuses) == {200, 503}, statuses
+        # Full, it refuses until the records it holds are committed and its file deleted.
+        assert 200 in in_order[in_order.index(503) :], "it should recover"
+        assert {answer.json()["code"] for answer in refused} == {"overloaded"}
+        sql = "SELECT status_code, items FROM usage_records WHERE tenant_id = :tenant"
+        records = poll(
+            lambda: Counter(
+                map(tuple, stored_rows(database_url, sql, tenant=customer.tenant["id"]))
+            ),
+            lambda found: sum(found.values()) >= len(answers),
+        )
+    # One record an answer, as the caller saw it: a refused answer served no prediction.
+    assert records == {(200, 1): statuses[200], (503, 0): statuses[503]}

@@ -99,6 +99,7 @@ class RequestMiddleware:
             response["started"] = False  # the route's answer was never sent
             await self._send_problem(send, Overloaded(JournalUnwritable.detail), request_id)
             response["status"] = Overloaded.status_code
+            self._record_unjournaled(scope, context, response, started)
         except Exception:
             log.exception("unhandled_error")
             if not response["started"]:
@@ -142,15 +143,10 @@ class RequestMiddleware:
         return send_problem_413
 
     @staticmethod
-    async def _record(
-        scope: Scope,
-        context: RequestContext,
-        response: dict[str, Any],
-        started: float,
-        *,
-        wait: bool = True,
-    ) -> None:
-        """The request's usage record (if metered), durable before the caller's answer."""
+    def _entry(
+        scope: Scope, context: RequestContext, response: dict[str, Any], started: float
+    ) -> UsageEntry | None:
+        """The request's usage record as its answer stands, if it is metered."""
         path: str = scope["path"]
         entry = (
             None
@@ -163,6 +159,19 @@ class RequestMiddleware:
             )
         )
         response["entry"] = entry or False
+        return entry
+
+    async def _record(
+        self,
+        scope: Scope,
+        context: RequestContext,
+        response: dict[str, Any],
+        started: float,
+        *,
+        wait: bool = True,
+    ) -> None:
+        """The request's usage record (if metered), durable before the caller's answer."""
+        entry = self._entry(scope, context, response, started)
         if entry is None:
             return
         resources: Resources = scope["app"].state.resources
@@ -172,6 +181,19 @@ class RequestMiddleware:
                 await durable
             except OSError:
                 raise JournalUnwritable() from None
+
+    def _record_unjournaled(
+        self, scope: Scope, context: RequestContext, response: dict[str, Any], started: float
+    ) -> None:
+        """The 503 that a journal failure made of the answer, metered all the same (one record
+        for every authenticated request): queued for the database alone, since the journal
+        refused it, so a crash before the next flush would lose it. The refused record was
+        never queued."""
+        context.items = 0  # whatever the model computed never reached the caller
+        entry = self._entry(scope, context, response, started)
+        if entry is not None:
+            resources: Resources = scope["app"].state.resources
+            resources.usage.add_unjournaled(entry)
 
     @staticmethod
     async def _send_problem(send: Send, error: AppError | None, request_id: str) -> None:

@@ -95,6 +95,10 @@ class UsageRecorder:
         # it for the rest of the batch.
         return asyncio.shield(self._journal.append(entry))
 
+    def add_unjournaled(self, entry: UsageEntry) -> None:
+        """Queue `entry` for the database without the journal (for when the journal fails)."""
+        self._enqueue([entry])
+
     def _enqueue(self, entries: list[UsageEntry]) -> None:
         self._queue.extend(entries)
         if len(self._queue) >= self._max_rows:
