@@ -28,6 +28,7 @@ from tests.conftest import (
     FEATURES,
     LiveServer,
     admin_token,
+    create_tenant,
     live_server,
     new_customer,
     stored_rows,
@@ -199,6 +200,9 @@ def test_a_busy_journal_keeps_a_few_files_and_none_after_its_records_are_committ
     assert journal_files(tmp_path) == []
 
 
+QUOTA = 100_000
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB filesystem of its own (tmpfs), for a journal that runs out of room."""
@@ -220,7 +224,9 @@ def test_a_full_journal_disk_answers_503_and_still_records_every_request(
     make_settings: Callable[..., Settings], database_url: str, small_disk: Path
 ) -> None:
     with app_client(make_settings, usage_journal_dir=small_disk) as client:
-        customer = new_customer(client, rate_limit="100000/minute")
+        token = admin_token(client)
+        tenant = create_tenant(client, token, monthly_quota=QUOTA)
+        customer = new_customer(client, token, tenant=tenant, rate_limit="100000/minute")
         answers = [
             client.post("/v1/predict", json=FEATURES, headers=customer.headers) for _ in range(600)
         ]
@@ -231,6 +237,9 @@ def test_a_full_journal_disk_answers_503_and_still_records_every_request(
         # Full, it refuses until the records it holds are committed and its file deleted.
         assert 200 in in_order[in_order.index(503) :], "it should recover"
         assert {answer.json()["code"] for answer in refused} == {"overloaded"}
+        # Only what was served counts against the month: a refused answer gave its quota back.
+        last_served = next(a for a in reversed(answers) if a.status_code == 200)
+        assert f'"quota";r={QUOTA - statuses[200]};' in last_served.headers["RateLimit"]
         sql = "SELECT status_code, items FROM usage_records WHERE tenant_id = :tenant"
         records = poll(
             lambda: Counter(

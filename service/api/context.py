@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Message, Scope, Send
 
 from auth.principals import Customer
+from service.limits.quota import QuotaReservation
 from service.limits.rate_limiter import WindowState
 from tenants.ids import fast_id
 from tenants.usage.records import UsageEntry
@@ -41,6 +42,8 @@ class RequestContext:
     """Predictions served."""
     quota_remaining: int | None = None
     """The tenant's monthly quota left, when this request reserved some (for the headers)."""
+    quota: QuotaReservation | None = None
+    """What the request holds of the quota: given back if its answer cannot be sent."""
     model_version: str | None = None
     features: list[list[float]] | None = None
     """Only kept when `TENANTSERVE_LOG_FEATURES` is on."""

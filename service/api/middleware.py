@@ -99,7 +99,7 @@ class RequestMiddleware:
             response["started"] = False  # the route's answer was never sent
             await self._send_problem(send, Overloaded(JournalUnwritable.detail), request_id)
             response["status"] = Overloaded.status_code
-            self._record_unjournaled(scope, context, response, started)
+            await self._record_unjournaled(scope, context, response, started)
         except Exception:
             log.exception("unhandled_error")
             if not response["started"]:
@@ -182,14 +182,16 @@ class RequestMiddleware:
             except OSError:
                 raise JournalUnwritable() from None
 
-    def _record_unjournaled(
+    async def _record_unjournaled(
         self, scope: Scope, context: RequestContext, response: dict[str, Any], started: float
     ) -> None:
         """The 503 that a journal failure made of the answer, metered all the same (one record
         for every authenticated request): queued for the database alone, since the journal
         refused it, so a crash before the next flush would lose it. The refused record was
-        never queued."""
+        never queued, and the predictions it reserved go back to the quota."""
         context.items = 0  # whatever the model computed never reached the caller
+        if context.quota is not None:
+            await context.quota.release()
         entry = self._entry(scope, context, response, started)
         if entry is not None:
             resources: Resources = scope["app"].state.resources

@@ -38,6 +38,7 @@ async def predict_rows(
         await reservation.release()
         raise
     context.items = len(rows)
+    context.quota = reservation
     context.quota_remaining = reservation.remaining
     context.model_version = model.version
     metrics.predictions_served(model.version, len(rows))
