@@ -12,9 +12,9 @@ restarts or adds, so no socket bound in the supervisor can be a worker's own. Wh
 is a `ReusePortSocket`: a socket in the supervisor, which holds the port while the server runs,
 and which becomes a freshly bound one in each worker as the worker unpickles its arguments.
 
-NOTE: a worker that dies resets the connections still waiting in its own accept queue (with one
-shared socket, another worker would have accepted them); Linux 5.14's
-`net.ipv4.tcp_migrate_req=1` hands them to the other workers instead.
+NOTE: a worker that dies, or that SIGHUP's rolling restart retires, resets the connections still
+waiting in its own accept queue (with one shared socket, another worker would have accepted
+them); Linux 5.14's `net.ipv4.tcp_migrate_req=1` hands them to the other workers instead.
 """
 
 from __future__ import annotations
