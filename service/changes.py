@@ -113,31 +113,36 @@ async def _follow(resources: Resources, wake: asyncio.Event, listener: _Listener
                 async with asyncio.timeout(interval):
                     await wake.wait()
         wake.clear()  # before the read: a change announced during it wakes the next one
-        try:
-            control = await asyncio.to_thread(_read, resources.engine)
-            if control.auth_epoch != epoch:
-                # Revocations, suspensions, limit changes and pins: keys are read afresh.
-                resources.keys.clear()
-                epoch = control.auth_epoch
-                await _load_pins(resources)
-        except SQLAlchemyError as exc:
-            if resources.database_ok:
-                log.warning("database_unreachable", error=type(exc).__name__)
-            resources.database_ok = False
-            continue
-        if not resources.database_ok:
-            log.warning("database_reachable_again")
-            resources.database_ok = True
-        versions = (control.active_model_version, control.rollout_version, control.rollout_percent)
-        if versions == seen:
-            continue
-        seen = versions
-        active, rollout, percent = versions
-        platform = PlatformVersions(active or models.platform.active, rollout, percent)
-        try:
-            await models.set_platform(platform)  # a failed version is said once, not 4x/s
-            log.info("model_versions_changed", model_version=platform.active,
-                     rollout_version=rollout, rollout_percent=percent)  # fmt: skip
-        except (ModelError, OSError) as exc:
-            log.error("model_activation_failed", model_version=platform.active,
-                      rollout_version=rollout, error=str(exc))  # fmt: skip
+        async with models.switching:  # see `ModelHolder.switching`
+            try:
+                control = await asyncio.to_thread(_read, resources.engine)
+                if control.auth_epoch != epoch:
+                    # Revocations, suspensions, limit changes and pins: keys are read afresh.
+                    resources.keys.clear()
+                    epoch = control.auth_epoch
+                    await _load_pins(resources)
+            except SQLAlchemyError as exc:
+                if resources.database_ok:
+                    log.warning("database_unreachable", error=type(exc).__name__)
+                resources.database_ok = False
+                continue
+            if not resources.database_ok:
+                log.warning("database_reachable_again")
+                resources.database_ok = True
+            versions = (
+                control.active_model_version,
+                control.rollout_version,
+                control.rollout_percent,
+            )
+            if versions == seen:
+                continue
+            seen = versions
+            active, rollout, percent = versions
+            platform = PlatformVersions(active or models.platform.active, rollout, percent)
+            try:
+                await models.set_platform(platform)  # a failed version is said once, not 4x/s
+                log.info("model_versions_changed", model_version=platform.active,
+                         rollout_version=rollout, rollout_percent=percent)  # fmt: skip
+            except (ModelError, OSError) as exc:
+                log.error("model_activation_failed", model_version=platform.active,
+                          rollout_version=rollout, error=str(exc))  # fmt: skip

@@ -143,3 +143,20 @@ def test_pinned_tenants_on_two_workers_each_get_and_are_billed_their_version(
         wait_for(
             lambda: {v for _, v in (predict(forest) for _ in range(6))} == {platform}, within=1.0
         )
+
+
+def test_the_activating_worker_serves_the_new_version_from_its_answer_on(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # A poll of the control row that lands between this worker's switch and its commit reads
+    # the row as it was: it must not switch the worker back.
+    with TestClient(create_app(make_settings(state_poll_interval_ms=50))) as client:
+        token = admin_token(client)
+        customer = new_customer(client, token)
+        served = []
+        for round_ in range(40):
+            version = (FOREST, LOGREG)[round_ % 2]
+            activated = client.post(f"/v1/admin/models/{version}/activate", headers=bearer(token))
+            assert activated.status_code == 200, activated.text
+            served += [(version, version_of(client, customer)) for _ in range(5)]
+    assert [pair for pair in served if pair[0] != pair[1]] == []

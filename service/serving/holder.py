@@ -37,6 +37,10 @@ class ModelHolder:
         self.platform = PlatformVersions(active=initial.version)
         self.refused: dict[str, str] = {}
         """Versions that failed to load, with why: shown on `/ready`."""
+        self.switching = asyncio.Lock()
+        """Held while this worker changes what it serves to match the control row: by an admin's
+        change from its write to its switch, by the change watcher from its read to its switch.
+        So a read of the row from before an admin's commit is never applied after it."""
         metrics.model_served(initial.manifest.version, initial.manifest.algorithm)
 
     @classmethod
@@ -108,10 +112,6 @@ class ModelHolder:
                 return
             if version not in keep:
                 del self._loaded[version]
-
-    async def activate(self, version: str) -> LoadedModel:
-        """Load `version` if needed, then serve it to unpinned tenants (one assignment)."""
-        return await self.set_platform(PlatformVersions(active=version))
 
     async def set_platform(self, platform: PlatformVersions) -> LoadedModel:
         """Serve `platform`: its versions are loaded first, so no request waits or sees half."""

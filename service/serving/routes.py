@@ -67,17 +67,23 @@ def _models_public(resources: Resources) -> ModelsPublic:
 
 async def _serve(resources: Resources, session: Session, version: str, *, percent: int) -> None:
     """Serve `version` to `percent` of the unpinned tenants (100: all, i.e. activate): in this
-    worker at once, in every other through the control row this transaction changes."""
+    worker from the answer on, in every other through the control row this commits.
+
+    Committed here, with the audit event, before this worker switches: the change watcher,
+    kept out meanwhile, then reads the new row, never one that this switch has outdated."""
     await _load(resources, version)
-    if percent == 100:
-        await resources.models.activate(version)
-        repository.set_active_model(session, version)
-        return
-    platform = resources.models.platform
-    await resources.models.set_platform(
-        PlatformVersions(platform.active, version if percent else None, percent)
-    )
-    repository.set_rollout(session, version, percent)
+    models = resources.models
+    async with models.switching:
+        if percent == 100:
+            repository.set_active_model(session, version)
+            platform = PlatformVersions(active=version)
+        else:
+            repository.set_rollout(session, version, percent)
+            platform = PlatformVersions(
+                models.platform.active, version if percent else None, percent
+            )
+        session.commit()
+        await models.set_platform(platform)
 
 
 @router.get("", response_model=ModelsPublic)
@@ -94,8 +100,8 @@ async def activate_model(
     session: DbSession,
 ) -> ModelsPublic:
     require_platform_staff(staff)
-    await _serve(resources, session, version, percent=100)
     audit_change(session, request, staff, "model.activate", version, None)
+    await _serve(resources, session, version, percent=100)
     return _models_public(resources)
 
 
@@ -110,9 +116,9 @@ async def roll_out_model(
 ) -> ModelsPublic:
     """Serve `version` to a stable share of the unpinned tenants (by a hash of the tenant id)."""
     require_platform_staff(staff)
-    await _serve(resources, session, version, percent=data.percent)
     details = {"percent": data.percent}
     audit_change(session, request, staff, "model.rollout", version, None, details)
+    await _serve(resources, session, version, percent=data.percent)
     return _models_public(resources)
 
 
