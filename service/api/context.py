@@ -40,16 +40,20 @@ class RequestContext:
     rate_window: WindowState | None = None
     items: int = 0
     """Predictions served."""
-    quota_remaining: int | None = None
-    """The tenant's monthly quota left, when this request reserved some (for the headers)."""
     quota: QuotaReservation | None = None
-    """What the request holds of the quota: given back if its answer cannot be sent."""
+    """What this request reserved of the tenant's monthly quota: given back if its answer
+    cannot be sent."""
     model_version: str | None = None
     features: list[list[float]] | None = None
     """Only kept when `TENANTSERVE_LOG_FEATURES` is on."""
     replay: bool = False
     """The answer is an earlier one, repeated for a retried `Idempotency-Key`."""
     idempotency: AnswerRelay | None = None
+
+    @property
+    def quota_remaining(self) -> int | None:
+        """The tenant's monthly quota left, when this request reserved some (for the headers)."""
+        return self.quota.remaining if self.quota is not None else None
 
     def attach(self, scope: Scope) -> None:
         scope[_SCOPE_KEY] = self

@@ -39,7 +39,6 @@ async def predict_rows(
         raise
     context.items = len(rows)
     context.quota = reservation
-    context.quota_remaining = reservation.remaining
     context.model_version = model.version
     metrics.predictions_served(model.version, len(rows))
     annotate_span(customer, model.version)

@@ -42,7 +42,7 @@ T = TypeVar("T")
 # seconds until the oldest of them leaves it} per key. Each hash is `_LocalWindow` in Redis:
 # field = slice index (1/200 of the window), value = hits in it; field `n` = their sum, `o` =
 # the oldest slice that may hold hits. A slice counts until all of it has left the window, so
-# counts err high, never low, and a hash never holds more than ~200 slices whatever the limit.
+# counts err high, never low, and a hash never holds more than 201 slices whatever the limit.
 # Dropping old slices walks each index once: O(1) amortised per hit.
 # NOTE: a hash is read once a call and written once, however many of the call's hits are its
 # own (a busy key has many): a command costs Redis ~1 µs, and one a hit was ~12 µs of its CPU.
