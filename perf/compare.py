@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 
 from perf import provision, servers
+from perf.bench import IRIS
 from perf.loadgen import Target, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,9 +56,6 @@ def _app_cost_round(base: Path, app_cost_args: list[str]) -> tuple[float, float]
     return before, after
 
 
-IRIS = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
-
-
 def _served_round(base: Path, connections: int, seconds: float) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="tenantserve-compare-served-") as folder:
         scratch = Path(folder)
@@ -71,9 +69,9 @@ def _served_round(base: Path, connections: int, seconds: float) -> tuple[float, 
 
             def measure(index: int) -> None:
                 server = started[index][0]
-                before = sum(servers.tree_cpu_seconds(server.process.pid).values())
+                before = servers.tree_cpu_total(server.process.pid)
                 result = run_load(targets[index], connections=connections, seconds=seconds)
-                cpu[index] = sum(servers.tree_cpu_seconds(server.process.pid).values()) - before
+                cpu[index] = servers.tree_cpu_total(server.process.pid) - before
                 requests[index] = result.requests
 
             loads = [threading.Thread(target=measure, args=(index,)) for index in (0, 1)]
@@ -111,9 +109,9 @@ def _provisioned(server: servers.Server, admin: tuple[str, str]) -> Target:
         server.url, username=admin[0], password=admin[1], tenant="compare",
         keys=8, rate_limit="1000000000/minute",
     )  # fmt: skip
-    run_load(Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys),
-             connections=8, seconds=1)  # warm up  # fmt: skip
-    return Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys)
+    target = Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys)
+    run_load(target, connections=8, seconds=1)  # warm up
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,7 +146,7 @@ def server_figures(model_dir: Path, scratch: Path, starts: int, workers: int) ->
         ready_s = time.monotonic() - started
         try:
             # CPU seconds too: on a shared machine the wall time says as much about the others.
-            cpu_s = sum(servers.tree_cpu_seconds(server.process.pid).values())
+            cpu_s = servers.tree_cpu_total(server.process.pid)
             label = "first start (new database)" if attempt == 0 else f"start {attempt}"
             print(f"  {label:<28} {ready_s:5.2f} s wall, {cpu_s:5.2f} s CPU")
             if attempt == starts:

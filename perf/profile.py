@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         command = [spy, "record", "-p", str(server.process.pid), "-r", "200", "--nonblocking",
                    "-d", str(args.seconds), "-f", "raw", "-o", str(args.out)]  # fmt: skip
-        cpu = sum(servers.tree_cpu_seconds(server.process.pid).values())
+        cpu = servers.tree_cpu_total(server.process.pid)
         with subprocess.Popen(command) as sampler:
             result = run_load(target, connections=args.connections, seconds=args.seconds + 2)
             sampler.wait()
-        cpu = sum(servers.tree_cpu_seconds(server.process.pid).values()) - cpu
+        cpu = servers.tree_cpu_total(server.process.pid) - cpu
         print(
             f"{result.requests / result.seconds:.0f} requests/s, p99 {result.p99_ms:.1f} ms, "
             f"{cpu * 1e6 / result.requests:.0f} µs of server CPU a request (sampler included)"

@@ -222,11 +222,16 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
-def tree_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU time (user + system) used so far by `pid` and by each of its live descendants.
+def tree_cpu_total(pid: int) -> float:
+    """CPU time (user + system) used so far by `pid` and its live descendants together.
 
     Unlike requests/s, CPU per request hardly moves when other work shares the cores.
     """
+    return sum(tree_cpu_seconds(pid).values())
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time (user + system) used so far by `pid` and by each of its live descendants."""
     seconds = {}
     for member in _tree(pid):
         try:

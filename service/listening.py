@@ -31,7 +31,7 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def refuse_a_taken_port(host: str, port: int) -> None:
+def _refuse_a_taken_port(host: str, port: int) -> None:
     """Raise `OSError` if anything is bound to the port.
 
     A socket with `SO_REUSEPORT` could join another server's listeners on the port (a second
@@ -59,7 +59,7 @@ class ReusePortSocket(socket.socket):
 
     @classmethod
     def for_workers(cls, host: str, port: int) -> ReusePortSocket:
-        refuse_a_taken_port(host, port)
+        _refuse_a_taken_port(host, port)
         bound = _bind(host, port)
         # The same open socket, under this class: the supervisor pickles it for each worker.
         return cls(bound.family, bound.type, bound.proto, bound.detach())
