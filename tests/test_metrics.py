@@ -92,14 +92,17 @@ def test_metrics_add_up_across_two_workers(tmp_path: Path, model_dir: Path) -> N
     database_url = f"sqlite:///{tmp_path / 'tenantserve.db'}"
     env = {"TENANTSERVE_DATABASE_URL": database_url, "TENANTSERVE_MODEL_DIR": str(model_dir)}
     fresh_connections = httpx.Limits(max_keepalive_connections=0)
+    setup: list[httpx.Response] = []
     with (
         live_server(env, tmp_path / "server.log", workers=2) as server,
-        server.client(limits=fresh_connections) as client,
+        server.client(limits=fresh_connections, event_hooks={"response": [setup.append]}) as client,
     ):
         token = admin_token(client)
         customer = new_customer(client, token)
         limited = new_customer(client, token, tenant=customer.tenant, rate_limit="1/minute")
         models = client.get("/v1/admin/models", headers=bearer(token)).json()
+        # A worker counts a request after its answer: the other may be scraped before that.
+        wait_until_logged(server, list(setup))
         scrape = Scraper(server, client)
         before = scrape()
 
