@@ -53,6 +53,19 @@ def test_batch_answers_in_input_order(client: TestClient) -> None:
     assert all(p["model_version"] == body["model_version"] for p in body["predictions"])
 
 
+def test_a_single_answer_is_the_batch_answer_for_that_row(client: TestClient) -> None:
+    """Both routes write their answers their own way: the same row must read the same."""
+    customer = new_customer(client)
+    rows = [*SAMPLES.values(), FEATURES, {**FEATURES, "petal_length": 2.45, "petal_width": 0.8}]
+    batch = client.post("/v1/predict/batch", json={"items": rows}, headers=customer.headers)
+    assert batch.status_code == 200, batch.text
+    for row, expected in zip(rows, batch.json()["predictions"], strict=True):
+        single = client.post("/v1/predict", json=row, headers=customer.headers)
+        assert single.status_code == 200, single.text
+        assert single.json() == expected
+        assert list(single.json()["probabilities"]) == list(SAMPLES)  # in class order
+
+
 def test_unknown_model_version_is_404(client: TestClient) -> None:
     token = admin_token(client)
     response = client.post("/v1/admin/models/v9-nope/activate", headers=bearer(token))

