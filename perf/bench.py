@@ -42,6 +42,8 @@ class Row:
     result: LoadResult
     server_cpu_us: float  # server CPU time per request, all its processes
     busiest_worker: float | None  # its share of the workers' CPU time: 0.5 is an even split of 2
+    redis_cpu_us: float  # Redis's CPU time per request (the limiter's share of the cores)
+    idle: float  # the share of the machine's CPU time left idle: near 0, the cores were the limit
 
     @property
     def predictions_per_second(self) -> float:
@@ -68,17 +70,23 @@ def _measure(
     args: argparse.Namespace,
     seconds: float,
 ) -> Row:
-    """Load `target` and also count the server's CPU time, robust where requests/s is noisy, and
-    how evenly its workers shared the load."""
+    """Load `target` and also count the server's CPU time, robust where requests/s is noisy, how
+    evenly its workers shared the load, Redis's share and what the machine had left."""
     before = servers.tree_cpu_seconds(server.process.pid)
+    redis_before = servers.cpu_seconds_of("redis-server")
+    idle_before, machine_before = servers.machine_idle_seconds()
     result = run_load(target, connections=args.connections, seconds=seconds, tool=args.tool)
     after = servers.tree_cpu_seconds(server.process.pid)
+    redis_used = servers.cpu_seconds_of("redis-server") - redis_before
+    idle_after, machine_after = servers.machine_idle_seconds()
     used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
-    cpu_us = sum(used.values()) * 1e6 / result.requests if result.requests else 0.0
+    per_request = 1e6 / result.requests if result.requests else 0.0
     # With several workers the server's own process is their supervisor, which serves nothing.
     workers = [cpu for pid, cpu in used.items() if pid != server.process.pid]
     busiest = max(workers) / sum(workers) if args.workers > 1 and sum(workers) else None
-    return Row(scenario, items, result, cpu_us, busiest)
+    idle = (idle_after - idle_before) / max(machine_after - machine_before, 1e-9)
+    cpu_us, redis_us = sum(used.values()) * per_request, redis_used * per_request
+    return Row(scenario, items, result, cpu_us, busiest, redis_us, idle)
 
 
 def _batch_body(size: int) -> bytes:
@@ -255,7 +263,8 @@ def _print_table(rows: list[Row]) -> None:
     floors = [row.result.rps for row in rows if row.scenario.startswith("(a)")]
     reference = sum(floors) / len(floors) if floors else 0.0
     header = f"{'scenario':<38} {'req/s':>8} {'pred/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-    print(header + f"{'non-2xx':>8} {'sock':>5} {'vs (a)':>7} {'CPU µs/req':>10} {'busiest':>7}")
+    header += f"{'non-2xx':>8} {'sock':>5} {'vs (a)':>7} {'CPU µs/req':>10} {'busiest':>7} "
+    print(header + f"{'Redis µs':>8} {'idle':>5}")
     for row in rows:
         r = row.result
         ratio = f"{r.rps / reference:.2f}" if reference else "-"
@@ -263,7 +272,7 @@ def _print_table(rows: list[Row]) -> None:
         print(
             f"{row.scenario:<38} {r.rps:>8.0f} {row.predictions_per_second:>9.0f} "
             f"{r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.non_2xx:>8} {r.socket_errors:>5} {ratio:>7} "
-            f"{row.server_cpu_us:>10.0f} {busiest:>7}"
+            f"{row.server_cpu_us:>10.0f} {busiest:>7} {row.redis_cpu_us:>8.1f} {row.idle:>5.2f}"
         )
 
 

@@ -230,6 +230,25 @@ def tree_cpu_total(pid: int) -> float:
     return sum(tree_cpu_seconds(pid).values())
 
 
+def cpu_seconds_of(command: str) -> float:
+    """CPU time (user + system) used so far by every process named `command` (`redis-server`)."""
+    total = 0.0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == command:
+                total += sum(tree_cpu_seconds(int(comm.parent.name)).values())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def machine_idle_seconds() -> tuple[float, float]:
+    """The machine's idle and total CPU time so far, every core's, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return idle / os.sysconf("SC_CLK_TCK"), sum(fields[:8]) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU time (user + system) used so far by `pid` and by each of its live descendants."""
     seconds = {}
