@@ -8,12 +8,15 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy.dialects import sqlite
 from sqlmodel import Session, select
 
 from tenants.database import make_engine
 from tenants.tables import UsageRecord
 from tenants.usage.records import UsageEntry
-from tenants.usage.writes import UsageWriter
+from tenants.usage.writes import UsageWriter, sqlite_utc_text
 
 
 def _entry(offset_ms: int, **fields: object) -> UsageEntry:
@@ -65,3 +68,12 @@ def test_a_batch_written_twice_stores_each_record_once(database_url: str) -> Non
     for written, read in zip([*first, new], stored, strict=True):
         # Exactly what went in, the time included (the first crosses midnight UTC).
         assert read == written
+
+
+@given(st.datetimes(timezones=st.timezones(), allow_imaginary=False))
+def test_sqlite_times_are_written_as_the_column_type_writes_them(value: datetime) -> None:
+    """The flush's own conversion of a time for SQLite, against the column type's."""
+    dialect = sqlite.dialect()
+    column_type = UsageRecord.__table__.c.at.type  # type: ignore[attr-defined]
+    convert = column_type.dialect_impl(dialect).bind_processor(dialect)
+    assert sqlite_utc_text(value) == convert(value)
