@@ -138,5 +138,9 @@ def _predict_many(model: LoadedModel, parts: Sequence[np.ndarray]) -> list[np.nd
     if len(parts) == 1:
         return [model.predict_proba(parts[0])]
     proba = model.predict_proba(np.concatenate(parts))
-    bounds = np.cumsum([len(p) for p in parts])[:-1]
-    return np.split(proba, bounds)
+    # Sliced by hand: `np.split` took ~20 µs for 20 one-row parts, slicing ~3.
+    answers, start = [], 0
+    for part in parts:
+        answers.append(proba[start : start + len(part)])
+        start += len(part)
+    return answers
