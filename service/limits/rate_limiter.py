@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import hiredis
 import structlog
 from limits import RateLimitItem
 from redis import asyncio as aioredis
@@ -272,7 +273,10 @@ class _RedisStore:
         args = [value for _, item, _ in group for value in (item.amount, item.get_expiry())]
         connection = self._window_connection
         try:
-            await connection.send_command("EVALSHA", self._window_sha, len(keys), *keys, *args)
+            # Packed by hiredis in C: redis-py's own packer, in Python, took ~2 µs a hit.
+            command = ("EVALSHA", self._window_sha, len(keys), *keys, *args)
+            packed = hiredis.pack_command(command)  # type: ignore[arg-type]  # stub: a 1-tuple
+            await connection.send_packed_command(packed)
             return list(await connection.read_response())
         except BaseException as exc:
             # Mid-command (cancelled, refused, timed out, no script): its state is unknown.
