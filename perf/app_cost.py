@@ -79,7 +79,7 @@ async def _drive(
     return statuses
 
 
-async def _provision(app: ASGIApp, max_batch_size: int) -> str:
+async def _provision(app: ASGIApp, max_batch_size: int, *, quota: bool) -> str:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://perf") as client:
         signed_in = await client.post(
@@ -89,7 +89,7 @@ async def _provision(app: ASGIApp, max_batch_size: int) -> str:
         tenant = await client.post(
             "/v1/admin/tenants",
             json={"name": "app-cost", "rate_limit": "1000000000/minute",
-                  "max_batch_size": max_batch_size},
+                  "max_batch_size": max_batch_size, "monthly_quota": 2**31 - 1 if quota else None},
             headers=headers,
         )  # fmt: skip
         key = await client.post(
@@ -119,7 +119,7 @@ async def _measure(args: argparse.Namespace) -> tuple[float, Counter[int]]:
     )  # fmt: skip
     tenantserve = create_app(settings)
     async with tenantserve.router.lifespan_context(tenantserve):
-        key = await _provision(tenantserve, max(args.batch, 1))
+        key = await _provision(tenantserve, max(args.batch, 1), quota=args.quota)
         return await _timed(tenantserve, path, body, key, args)
 
 
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         "--durability", default="journal", choices=["journal", "written", "write-behind"]
     )
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--quota", action="store_true", help="the tenant has a monthly quota (never reached)"
+    )
     args = parser.parse_args(argv)
     # The request log goes to a file, as a server's would, not to this terminal.
     log = tempfile.NamedTemporaryFile(prefix="tenantserve-app-cost-", suffix=".log")  # noqa: SIM115

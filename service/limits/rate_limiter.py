@@ -103,13 +103,23 @@ end
 return results
 """
 
-# KEYS[1]: the tenant's month counter. ARGV: amount, quota. Returns -1 unseeded, -2 over, else
-# the count after adding (the remaining quota for the response headers, without a round trip).
+# KEYS: the tenants' month counters, one per request (a counter may repeat: in order). ARGV:
+# amount and quota for each. Returns for each -1 unseeded, -2 over (nothing added), else the
+# count after adding (the remaining quota for the response headers, without a round trip).
 _QUOTA_LUA = """
-local used = redis.call('GET', KEYS[1])
-if not used then return -1 end
-if tonumber(used) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return -2 end
-return redis.call('INCRBY', KEYS[1], ARGV[1])
+local results = {}
+for i, key in ipairs(KEYS) do
+  local amount, quota = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local used = redis.call('GET', key)
+  if not used then
+    results[i] = -1
+  elseif tonumber(used) + amount > quota then
+    results[i] = -2
+  else
+    results[i] = redis.call('INCRBY', key, amount)
+  end
+end
+return results
 """
 
 
@@ -218,44 +228,43 @@ class _LocalStore:
         return keys
 
 
-class _RedisStore:
-    """Shared windows and quotas in Redis.
+class _GatheredCalls:
+    """Calls of one Redis script, each for one key and two numbers, gathered: the calls made
+    while one round trip is in flight wait for the next and go together as one script call,
+    as the model's micro-batch. The script gets every call's key and numbers in arrival order
+    and answers each in that order.
 
     NOTE: a round trip through redis-py costs ~150 µs of this process's CPU, more than the rest
-    of a prediction. Hits that arrive while one round trip is in flight wait for the next, and
-    go together in one script call: one EVALSHA per gathered group, as the model's micro-batch.
+    of a prediction; its pool, retries and connection checks ~70 µs of that. The calls go on a
+    connection of their own, past the pool, one at a time; anything wrong falls back to the
+    client's own path (with its retries, reloading the script if Redis lost it).
     """
 
-    def __init__(self, uri: str) -> None:
-        self.client = aioredis.from_url(
-            uri, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0
-        )
-        self._window_sha = _script_sha(_SLICED_WINDOW_LUA)
-        # NOTE: the window scripts' own connection, past the pool: redis-py's pool, retries and
-        # connection checks cost ~70 µs of CPU a call on this VM, the call itself ~110. Only
-        # `_send_waiting` uses it, one call at a time; anything wrong falls back to the client.
-        pool = self.client.connection_pool
-        self._window_connection = pool.connection_class(**pool.connection_kwargs)
-        self._quota_script = self.client.register_script(_QUOTA_LUA)
-        self._waiting: list[tuple[str, RateLimitItem, asyncio.Future[Any]]] = []
+    def __init__(self, client: aioredis.Redis, script: str) -> None:
+        self._client = client
+        self._script = script
+        self._sha = _script_sha(script)
+        pool = client.connection_pool
+        self._connection = pool.connection_class(**pool.connection_kwargs)
+        self._waiting: list[tuple[str, tuple[int, int], asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def hit(self, key: str, item: RateLimitItem) -> WindowState:
+    async def call(self, key: str, numbers: tuple[int, int]) -> Any:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append((f"tenantserve:rlh:{key}:{item.get_expiry()}", item, answer))
+        self._waiting.append((key, numbers, answer))
         if self._sender is None or self._sender.done():
             self._sender = loop.create_task(self._send_waiting())
-        allowed, hits, reset = await answer
-        return WindowState.after(
-            allowed=bool(allowed), limit=item.amount, hits=int(hits), reset_after=float(reset)
-        )
+        return await answer
 
     async def _send_waiting(self) -> None:
         while self._waiting:
             group, self._waiting = self._waiting, []
             try:
-                results = await self._run_window_scripts(group)
+                results = await self._run(
+                    [key for key, _, _ in group],
+                    [number for _, numbers, _ in group for number in numbers],
+                )
             except Exception as exc:
                 results = [exc] * len(group)
             for (_, _, answer), result in zip(group, results, strict=True):
@@ -266,15 +275,11 @@ class _RedisStore:
                 else:
                     answer.set_result(result)
 
-    async def _run_window_scripts(
-        self, group: list[tuple[str, RateLimitItem, asyncio.Future[Any]]]
-    ) -> list[Any]:
-        keys = [redis_key for redis_key, _, _ in group]
-        args = [value for _, item, _ in group for value in (item.amount, item.get_expiry())]
-        connection = self._window_connection
+    async def _run(self, keys: list[str], args: list[int]) -> list[Any]:
+        connection = self._connection
         try:
-            # Packed by hiredis in C: redis-py's own packer, in Python, took ~2 µs a hit.
-            command = ("EVALSHA", self._window_sha, len(keys), *keys, *args)
+            # Packed by hiredis in C: redis-py's own packer, in Python, took ~2 µs a call.
+            command = ("EVALSHA", self._sha, len(keys), *keys, *args)
             packed = hiredis.pack_command(command)  # type: ignore[arg-type]  # stub: a 1-tuple
             await connection.send_packed_command(packed)
             return list(await connection.read_response())
@@ -283,24 +288,47 @@ class _RedisStore:
             await connection.disconnect()
             if not isinstance(exc, (RedisError, OSError)):
                 raise
-        # The client's own path, with its retries; reloading the script if Redis lost it.
         try:
-            results = await self.client.evalsha(self._window_sha, len(keys), *keys, *args)
+            results = await self._client.evalsha(self._sha, len(keys), *keys, *args)
         except NoScriptError:  # Redis restarted or flushed its scripts
-            await self.client.script_load(_SLICED_WINDOW_LUA)
-            results = await self.client.evalsha(self._window_sha, len(keys), *keys, *args)
+            await self._client.script_load(self._script)
+            results = await self._client.evalsha(self._sha, len(keys), *keys, *args)
         return list(results)
 
     async def close(self) -> None:
-        await self._window_connection.disconnect()
+        await self._connection.disconnect()
+
+
+class _RedisStore:
+    """Shared windows and quotas in Redis: each a script call per gathered group of requests."""
+
+    def __init__(self, uri: str) -> None:
+        self.client = aioredis.from_url(
+            uri, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0
+        )
+        self._windows = _GatheredCalls(self.client, _SLICED_WINDOW_LUA)
+        self._quotas = _GatheredCalls(self.client, _QUOTA_LUA)
+
+    async def hit(self, key: str, item: RateLimitItem) -> WindowState:
+        window = item.get_expiry()
+        allowed, hits, reset = await self._windows.call(
+            f"tenantserve:rlh:{key}:{window}", (item.amount, window)
+        )
+        return WindowState.after(
+            allowed=bool(allowed), limit=item.amount, hits=int(hits), reset_after=float(reset)
+        )
+
+    async def close(self) -> None:
+        await self._windows.close()
+        await self._quotas.close()
         await self.client.aclose()
 
     async def consume(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> int | None:
         redis_key = f"tenantserve:quota:{key}"
-        outcome = await self._quota_script(keys=[redis_key], args=[amount, quota])
+        outcome = await self._quotas.call(redis_key, (amount, quota))
         if outcome == -1:
             await self.client.set(redis_key, await seed(), nx=True, ex=_QUOTA_TTL_S)
-            outcome = await self._quota_script(keys=[redis_key], args=[amount, quota])
+            outcome = await self._quotas.call(redis_key, (amount, quota))
         return int(outcome) if outcome >= 0 else None
 
     async def refund(self, key: str, amount: int) -> None:
