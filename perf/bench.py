@@ -134,11 +134,14 @@ def _sanity(url: str, keys: list[str], path: str, body: bytes, version: str, wor
     return answered
 
 
-def _usage_count(admin: httpx.Client, tenant_id: str) -> int:
-    params = {"group_by": "tenant", "tenant_id": tenant_id}
-    response = admin.get("/v1/audit/usage/summary", params=params)
-    response.raise_for_status()
-    return sum(int(group["requests"]) for group in response.json()["groups"])
+def _usage_count(admin: httpx.Client, tenant_ids: list[str]) -> int:
+    total = 0
+    for tenant_id in tenant_ids:
+        params = {"group_by": "tenant", "tenant_id": tenant_id}
+        response = admin.get("/v1/audit/usage/summary", params=params)
+        response.raise_for_status()
+        total += sum(int(group["requests"]) for group in response.json()["groups"])
+    return total
 
 
 @contextmanager
@@ -205,6 +208,12 @@ def _tenantserve(
             server.url, username=admin[0], password=admin[1], tenant="bench",
             keys=args.keys, rate_limit="1000000000/minute", max_batch_size=1000,
         )  # fmt: skip
+        # A tenant with a monthly quota, as most customers have (a second limiter call each).
+        quota_tenant_id, quota_keys = provision.provision(
+            server.url, username=admin[0], password=admin[1], tenant="bench-quota",
+            keys=args.keys, rate_limit="1000000000/minute", monthly_quota=2**31 - 1,
+        )  # fmt: skip
+        tenants = [tenant_id, quota_tenant_id]
         scenarios = [(v, "/v1/predict", json.dumps(IRIS).encode(), 1) for v in VERSIONS]
         scenarios.append((BATCH_VERSION, "/v1/predict/batch", _batch_body(args.batch), args.batch))
         with _admin_client(server.url, admin) as admin_client:
@@ -220,7 +229,14 @@ def _tenantserve(
                 usage.counted += row.result.requests
                 usage.uncounted_at_most += row.result.uncounted_at_most
                 rows.append(row)
-            usage.live = _usage_count(admin_client, tenant_id)
+                if items == 1 and version == BATCH_VERSION:
+                    target = Target(server.port, path, body, quota_keys)
+                    label = f"(b) tenantserve single+quota {version}"
+                    row = _measure(label, items, server, target, args, seconds)
+                    usage.counted += row.result.requests
+                    usage.uncounted_at_most += row.result.uncounted_at_most
+                    rows.append(row)
+            usage.live = _usage_count(admin_client, tenants)
         single = Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys)
         usage.clean_stop = _stop_under_load(server, single, args, usage)
     finally:
@@ -228,13 +244,13 @@ def _tenantserve(
     server = servers.start_tenantserve(env, log_path=log_path, cwd=scratch)
     try:
         with _admin_client(server.url, admin) as admin_client:
-            usage.after_restart = _usage_count(admin_client, tenant_id)
+            usage.after_restart = _usage_count(admin_client, tenants)
     finally:
         servers.stop(server)
     for durability in ("written", "write-behind"):
         rows.append(_other_durability(args, results, scratch, seconds, env, keys, durability))
     setup = f"database {database.split(':', 1)[0]}, limiter {limiter.split(':', 1)[0]}"
-    return usage, [*keys, admin[1]], setup
+    return usage, [*keys, *quota_keys, admin[1]], setup
 
 
 def _other_durability(

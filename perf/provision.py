@@ -62,10 +62,15 @@ def _tenants(client: httpx.Client) -> Iterator[dict[str, Any]]:
 
 
 def ensure_tenant(
-    client: httpx.Client, *, name: str, rate_limit: str, max_batch_size: int | None = None
+    client: httpx.Client,
+    *,
+    name: str,
+    rate_limit: str,
+    max_batch_size: int | None = None,
+    monthly_quota: int | None = None,
 ) -> str:
     """The id of tenant `name`, created if missing; an existing one is set to the given limits."""
-    fields: dict[str, Any] = {"rate_limit": rate_limit}
+    fields: dict[str, Any] = {"rate_limit": rate_limit, "monthly_quota": monthly_quota}
     if max_batch_size is not None:
         fields["max_batch_size"] = max_batch_size
     response = client.post("/v1/admin/tenants", json={"name": name, **fields})
@@ -116,14 +121,16 @@ def provision(
     keys: int,
     rate_limit: str = DEFAULT_RATE_LIMIT,
     max_batch_size: int | None = None,
+    monthly_quota: int | None = None,
 ) -> tuple[str, list[str]]:
     """Sign in, ensure the tenant, issue the keys: returns the tenant id and the keys."""
     with httpx.Client(base_url=base_url, timeout=30) as client:
         token = admin_token(client, username, password)
         client.headers["Authorization"] = f"Bearer {token}"
         tenant_id = ensure_tenant(
-            client, name=tenant, rate_limit=rate_limit, max_batch_size=max_batch_size
-        )
+            client, name=tenant, rate_limit=rate_limit, max_batch_size=max_batch_size,
+            monthly_quota=monthly_quota,
+        )  # fmt: skip
         return tenant_id, issue_keys(client, tenant_id=tenant_id, count=keys, name=tenant)
 
 
