@@ -106,17 +106,29 @@ return results
 # KEYS: the tenants' month counters, one per request (a counter may repeat: in order). ARGV:
 # amount and quota for each. Returns for each -1 unseeded, -2 over (nothing added), else the
 # count after adding (the remaining quota for the response headers, without a round trip).
+# Each counter is read once a call and added to once, by what its requests took together.
 _QUOTA_LUA = """
-local results = {}
+local first, used, order, results = {}, {}, {}, {}
 for i, key in ipairs(KEYS) do
   local amount, quota = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  local used = redis.call('GET', key)
-  if not used then
+  if used[key] == nil then
+    used[key] = tonumber(redis.call('GET', key)) or false
+    first[key] = used[key]
+    order[#order + 1] = key
+  end
+  local count = used[key]
+  if not count then
     results[i] = -1
-  elseif tonumber(used) + amount > quota then
+  elseif count + amount > quota then
     results[i] = -2
   else
-    results[i] = redis.call('INCRBY', key, amount)
+    used[key] = count + amount
+    results[i] = used[key]
+  end
+end
+for _, key in ipairs(order) do
+  if used[key] and used[key] > first[key] then
+    redis.call('INCRBY', key, used[key] - first[key])
   end
 end
 return results
