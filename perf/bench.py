@@ -223,15 +223,12 @@ def _tenantserve(
                     continue
                 active = version
                 usage.counted += _sanity(server.url, keys, path, body, version, args.workers)
-                target = Target(server.port, path, body, keys)
-                label = f"(b) tenantserve {'batch' if items > 1 else 'single'} {version}"
-                row = _measure(label, items, server, target, args, seconds)
-                usage.counted += row.result.requests
-                usage.uncounted_at_most += row.result.uncounted_at_most
-                rows.append(row)
+                kind = "batch" if items > 1 else "single"
+                measured = [(f"(b) tenantserve {kind} {version}", keys)]
                 if items == 1 and version == BATCH_VERSION:
-                    target = Target(server.port, path, body, quota_keys)
-                    label = f"(b) tenantserve single+quota {version}"
+                    measured.append((f"(b) tenantserve single+quota {version}", quota_keys))
+                for label, customer_keys in measured:
+                    target = Target(server.port, path, body, customer_keys)
                     row = _measure(label, items, server, target, args, seconds)
                     usage.counted += row.result.requests
                     usage.uncounted_at_most += row.result.uncounted_at_most

@@ -236,8 +236,8 @@ def cpu_seconds_of(command: str) -> float:
     for comm in Path("/proc").glob("[0-9]*/comm"):
         try:
             if comm.read_text().strip() == command:
-                total += sum(tree_cpu_seconds(int(comm.parent.name)).values())
-        except (OSError, ValueError):
+                total += _cpu_seconds(int(comm.parent.name)) or 0.0
+        except OSError:
             continue
     return total
 
@@ -253,10 +253,17 @@ def tree_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU time (user + system) used so far by `pid` and by each of its live descendants."""
     seconds = {}
     for member in _tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-        seconds[member] = ticks / os.sysconf("SC_CLK_TCK")
+        used = _cpu_seconds(member)
+        if used is not None:
+            seconds[member] = used
     return seconds
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) used so far by `pid` alone; None once it has ended."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return ticks / os.sysconf("SC_CLK_TCK")

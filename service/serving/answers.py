@@ -10,6 +10,8 @@ against ~3.5 through the rows' slicing).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import orjson
 
@@ -37,8 +39,9 @@ def _suffix(version: str) -> str:
     return f'}},"model_version":{_json(version)}}}'
 
 
-_SINGLE_SUFFIXES: dict[str, bytes] = {}
-"""`_suffix` encoded, by version: a worker serves a handful."""
+@lru_cache(maxsize=64)  # a worker serves a handful of versions
+def _suffix_bytes(version: str) -> bytes:
+    return _suffix(version).encode()
 
 
 def _rows(version: str, proba: np.ndarray) -> str:
@@ -60,13 +63,10 @@ def single_answer(version: str, proba: np.ndarray) -> bytes:
     """The body of `POST /v1/predict`: the one row of `proba`, as `_rows` would write it."""
     row = proba[0].tolist()
     values = orjson.dumps(row)[1:-1].split(b",")
-    suffix = _SINGLE_SUFFIXES.get(version)
-    if suffix is None:
-        suffix = _SINGLE_SUFFIXES[version] = _suffix(version).encode()
     parts = [_PREFIX_BYTES[row.index(max(row))], values[0]]  # the first best, as `argmax`
     for separator, value in zip(_SEPARATOR_BYTES, values[1:], strict=True):
         parts += (separator, value)
-    parts.append(suffix)
+    parts.append(_suffix_bytes(version))
     return b"".join(parts)
 
 
