@@ -39,6 +39,7 @@ from service.serving.holder import ModelHolder
 from service.serving.registry import ModelError, list_versions
 from service.startup import ensure_bootstrap_admin, startup_version
 from service.telemetry import telemetry_config
+from tenants.background import background_threads
 from tenants.database import make_engine, unit_of_work, upgrade
 from tenants.repository import unrevoked_key_ids
 from tenants.usage.recorder import UsageRecorder
@@ -103,6 +104,8 @@ async def _warm_previous_version(resources: Resources) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # Database work off the loop (usage writes, key lookups) runs in these.
+    asyncio.get_running_loop().set_default_executor(background_threads("blocking"))
     resources = await asyncio.to_thread(_build_resources, settings)
     app.state.resources = resources
     delay_shutdown(resources, settings.shutdown_delay_s)

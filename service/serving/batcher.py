@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.serving.runtime import LoadedModel
+from tenants.background import background_threads
 
 INLINE_MAX_ROWS = 16
 """Calls of at most this many rows run on the event loop; larger ones in the model thread."""
@@ -49,7 +49,7 @@ class MicroBatcher:
         self._max_rows = max_rows
         self._max_wait = max_wait_us / 1_000_000
         # One thread: a worker is sized for one core; more would only contend with the loop.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._executor = background_threads("model", max_workers=1)
         self._pending: list[_Request] = []
         self._pending_rows = 0
         self._draining = False

@@ -32,13 +32,14 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 import structlog
 
+from tenants.background import background_threads
 from tenants.usage.records import UsageEntry
 
 log = structlog.get_logger("tenantserve.usage")
@@ -183,7 +184,7 @@ class UsageJournal:
         # A thread of its own, handed each job without a copy of the context: on a small VM
         # that is ~70 µs of CPU a round trip where `asyncio.to_thread` took ~90 (perf/README).
         # One thread: segments are created, synced and deleted in the order asked.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-journal")
+        self._thread = background_threads("usage-journal", max_workers=1)
 
     def claim_orphans(self) -> Iterator[UsageEntry]:
         """The records of every segment no live process holds; kept until they are committed."""
