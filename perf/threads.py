@@ -84,7 +84,9 @@ def _measure(args: argparse.Namespace, spy: str, durability: str) -> None:
         target = Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys)
         run_load(target, connections=args.connections, seconds=2)  # warm up
         before = _thread_counters(server.process.pid)
+        idle_before, machine_before = servers.machine_idle_seconds()
         result = run_load(target, connections=args.connections, seconds=args.seconds)
+        idle_after, machine_after = servers.machine_idle_seconds()
         after = _thread_counters(server.process.pid)
         names = _thread_names(spy, server.process.pid)
     finally:
@@ -99,7 +101,8 @@ def _measure(args: argparse.Namespace, spy: str, durability: str) -> None:
     per = 1 / max(result.requests, 1)
     print(
         f"\n{durability}: {result.rps:.0f} requests/s, p99 {result.p99_ms:.1f} ms, "
-        f"{sum(row[0] for row in totals.values()) * 1e6 * per:.0f} µs of CPU a request"
+        f"{sum(row[0] for row in totals.values()) * 1e6 * per:.0f} µs of CPU a request, "
+        f"the machine {(idle_after - idle_before) / (machine_after - machine_before):.2f} idle"
     )
     print(f"  {'thread':<24} {'µs/req':>7} {'waits/req':>9} {'preempted/req':>13}")
     for name, (cpu, voluntary, involuntary) in sorted(totals.items(), key=lambda i: -i[1][0]):
