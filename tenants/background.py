@@ -1,4 +1,4 @@
-"""Threads that work behind a worker's event loop: the journal's fsync, the usage writes, the
+"""Threads that work behind a worker's event loop: the journal's fsyncs, the usage writes, the
 model's larger calls.
 
 NOTE: each runs as `SCHED_BATCH` (Linux). A normal thread that wakes (its fsync returned, a
@@ -16,7 +16,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 
-def _yield_to_the_loop() -> None:
+def yield_to_the_loop() -> None:
+    """Make the calling thread one that never preempts the loop when it wakes."""
     # Allowed without privileges; where it is not (another OS, a strict sandbox), no matter.
     if hasattr(os, "sched_setscheduler"):
         with contextlib.suppress(OSError):
@@ -26,5 +27,5 @@ def _yield_to_the_loop() -> None:
 def background_threads(name: str, *, max_workers: int | None = None) -> ThreadPoolExecutor:
     """A pool of threads named `name_N`, none of whose wake-ups preempts the event loop."""
     return ThreadPoolExecutor(
-        max_workers=max_workers, thread_name_prefix=name, initializer=_yield_to_the_loop
+        max_workers=max_workers, thread_name_prefix=name, initializer=yield_to_the_loop
     )

@@ -5,10 +5,12 @@ digits), a space, the JSON. The event loop writes the records of each of its tur
 at the next turn: a write into the kernel's page cache, a few microseconds, after which they
 outlive the worker's crash or SIGKILL. A thread of the journal's own brings what was written
 to the disk with `fsync`, one at a time, each covering every record written before it began
-(group commit). With `sync_before_answer` (durability `journal`) an answer waits for the fsync
-that covers its record, so not even a power loss can take it; without it (`written`) the answer
-leaves once its record is written, and the fsync follows within `SYNC_BEHIND_S`. The loop never
-waits for the disk: a stalled fsync delays answers in `journal` mode only, and writing goes on.
+(group commit), and the next at once while there is more: the loop is told of each, but never
+waited for in between. With `sync_before_answer` (durability `journal`) an answer waits for the
+fsync that covers its record, so not even a power loss can take it; without it (`written`) the
+answer leaves once its record is written, and the fsync follows within `SYNC_BEHIND_S`. The loop
+never waits for the disk: a stalled fsync delays answers in `journal` mode only, and writing goes
+on.
 
 A record joins the recorder's queue once it is as durable as the mode promises, in the order
 written. Once a segment has grown past `recycle_bytes` and everything in it is committed to the
@@ -26,8 +28,10 @@ readable part; a line whose checksum or JSON is wrong is reported once and skipp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
+import threading
 import time
 import zlib
 from collections import deque
@@ -39,7 +43,7 @@ from pathlib import Path
 import orjson
 import structlog
 
-from tenants.background import background_threads
+from tenants.background import background_threads, yield_to_the_loop
 from tenants.usage.records import UsageEntry
 
 log = structlog.get_logger("tenantserve.usage")
@@ -176,14 +180,29 @@ class UsageJournal:
         self._spare: Future[Segment] | None = None
         self._batch: _Batch | None = None
         """This turn's records, written at the next."""
+        # Shared with the sync thread, under `_lock`:
+        self._lock = threading.Lock()
+        self._wanted = threading.Condition(self._lock)
         self._dirty: set[Segment] = set()
         """Segments written since the last fsync began."""
         self._unsynced: list[tuple[Segment, _Batch]] = []
         """`journal` mode: the batches written since the last fsync began, answered by the next."""
-        self._syncer: asyncio.Task[None] | None = None
-        # A thread of its own, handed each job without a copy of the context: on a small VM
-        # that is ~70 µs of CPU a round trip where `asyncio.to_thread` took ~90 (perf/README).
-        # One thread: segments are created, synced and deleted in the order asked.
+        self._written_batches = 0
+        self._sync_idle = False
+        """The sync thread waits for something to sync (and only then needs waking)."""
+        self._closing = False
+        # On the loop only:
+        self._synced_batches = 0
+        """Of `_written_batches`, those the last fsync the loop has heard of covered."""
+        self._caught_up: asyncio.Future[None] | None = None
+        """`drain`'s wait for the next fsync."""
+        self._syncer: threading.Thread | None = None
+        # NOTE: its own thread, fsyncing back to back while there is more. Handing each fsync
+        # to an executor made the loop start every next one, a turn of the loop later: under
+        # load ~1 ms more a record waited (perf/README.md, "Session 9").
+        self._syncing = threading.Lock()
+        """Held by the sync thread over an fsync: a segment is never deleted in the middle."""
+        # Segments are made and deleted here, in the order asked, without a copy of the context.
         self._thread = background_threads("usage-journal", max_workers=1)
 
     def claim_orphans(self) -> Iterator[UsageEntry]:
@@ -208,6 +227,11 @@ class UsageJournal:
         self._current = Segment.create(self._directory)
         self._segments.append(self._current)
         self._spare = self._thread.submit(Segment.create, self._directory)
+        loop = asyncio.get_running_loop()
+        self._syncer = threading.Thread(
+            target=self._sync_in_thread, args=(loop,), name="usage-sync", daemon=True
+        )
+        self._syncer.start()
 
     def append(self, entry: UsageEntry) -> asyncio.Future[None]:
         """A future done once `entry` is written (`written`) or on disk (`journal`); it raises
@@ -235,14 +259,16 @@ class UsageJournal:
             batch.done.set_exception(exc)
             return
         segment.uncommitted += len(batch.entries)
-        self._dirty.add(segment)
-        if self._sync_before_answer:
-            self._unsynced.append((segment, batch))
-        else:
+        with self._lock:
+            self._dirty.add(segment)
+            if self._sync_before_answer:
+                self._unsynced.append((segment, batch))
+            self._written_batches += 1
+            if self._sync_idle:
+                self._wanted.notify()
+        if not self._sync_before_answer:
             self._on_durable(batch.entries)
             batch.done.set_result(None)
-        if self._syncer is None:
-            self._syncer = asyncio.get_running_loop().create_task(self._sync_written())
 
     def _segment_to_write(self) -> Segment:
         """The current segment, or the spare once the current one is due to be left."""
@@ -272,30 +298,59 @@ class UsageJournal:
     def _retire(self, segment: Segment) -> None:
         """Delete `segment`, all of it committed, in the thread (after any fsync under way)."""
         self._segments.remove(segment)
-        self._dirty.discard(segment)
-        self._thread.submit(segment.delete)
+        with self._lock:
+            self._dirty.discard(segment)
+        self._thread.submit(self._delete, segment)
 
-    async def _sync_written(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._dirty:
+    def _delete(self, segment: Segment) -> None:
+        with self._syncing:
+            segment.delete()
+
+    def _sync_in_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The sync thread: an fsync of what was written, and the next at once if there is more;
+        each one's outcome is handed to the loop. It ends once closing finds nothing to sync."""
+        yield_to_the_loop()
+        while True:
+            with self._lock:
+                while not self._dirty and not self._closing:
+                    self._sync_idle = True
+                    self._wanted.wait()
+                self._sync_idle = False
+                if not self._dirty:
+                    return
                 dirty, self._dirty = self._dirty, set()
                 unsynced, self._unsynced = self._unsynced, []
-                try:
-                    await loop.run_in_executor(self._thread, _sync_all, dirty)
-                except OSError as exc:
-                    log.error("usage_journal_sync_failed", error=str(exc))
-                    for segment, batch in unsynced:
-                        segment.uncommitted -= len(batch.entries)  # never queued: 503 answers
-                        batch.done.set_exception(exc)
-                else:
-                    for _, batch in unsynced:
-                        self._on_durable(batch.entries)
-                        batch.done.set_result(None)
-                if not self._sync_before_answer:
-                    await asyncio.sleep(SYNC_BEHIND_S)
-        finally:
-            self._syncer = None
+                covered = self._written_batches
+                self._syncing.acquire()  # before a retired segment's delete can take it
+            error: OSError | None = None
+            try:
+                _sync_all(dirty)
+            except OSError as exc:
+                error = exc
+            finally:
+                self._syncing.release()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(self._synced, unsynced, error, covered)
+            if not self._sync_before_answer:
+                with self._lock:  # `written`: the next fsync a little later, however busy
+                    self._wanted.wait_for(lambda: self._closing, SYNC_BEHIND_S)
+
+    def _synced(
+        self, unsynced: list[tuple[Segment, _Batch]], error: OSError | None, covered: int
+    ) -> None:
+        """On the loop: an fsync's outcome for the batches it covered."""
+        if error is not None:
+            log.error("usage_journal_sync_failed", error=str(error))
+        for segment, batch in unsynced:
+            if error is not None:
+                segment.uncommitted -= len(batch.entries)  # never queued: 503 answers
+                batch.done.set_exception(error)
+            else:
+                self._on_durable(batch.entries)
+                batch.done.set_result(None)
+        self._synced_batches = covered
+        if self._caught_up is not None and not self._caught_up.done():
+            self._caught_up.set_result(None)
 
     def committed(self, count: int) -> None:
         """`count` more records, oldest first, are in the database: drop what holds only them."""
@@ -310,14 +365,20 @@ class UsageJournal:
 
     async def drain(self) -> None:
         """Wait until everything appended is written and synced."""
-        while self._batch is not None or self._syncer is not None:
-            if self._syncer is None:
+        while self._batch is not None or self._synced_batches < self._written_batches:
+            if self._batch is not None:
                 await asyncio.sleep(0)  # this turn's batch is written at the next
             else:
-                await asyncio.shield(self._syncer)
+                self._caught_up = asyncio.get_running_loop().create_future()
+                await self._caught_up
 
     def close(self) -> None:
         """Delete the segments that hold nothing uncommitted; release the others' locks."""
+        if self._syncer is not None:
+            with self._lock:
+                self._closing = True
+                self._wanted.notify()
+            self._syncer.join()
         self._thread.shutdown(wait=True)
         if self._spare is not None and self._spare.exception() is None:
             self._spare.result().delete()
