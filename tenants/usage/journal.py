@@ -151,9 +151,22 @@ def _sync_all(segments: Iterable[Segment]) -> None:
 class _Batch:
     """Records appended in one turn of the event loop, written together at the next."""
 
-    done: asyncio.Future[None]
-    """Done once the batch is written (`written`) or synced (`journal`)."""
     entries: list[UsageEntry] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    """One a record, done once the batch is written (`written`) or synced (`journal`).
+
+    NOTE: one each, not one shared and `asyncio.shield`ed: a cancelled request cancels only
+    its own, and its answer resumes a turn of the loop sooner (a shield's outer future is done
+    one turn after the inner; under load a turn is ~0.5 ms)."""
+
+    def settle(self, error: OSError | None = None) -> None:
+        for waiter in self.waiters:
+            if waiter.done():  # its request was cancelled
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
 
 class UsageJournal:
@@ -236,13 +249,15 @@ class UsageJournal:
     def append(self, entry: UsageEntry) -> asyncio.Future[None]:
         """A future done once `entry` is written (`written`) or on disk (`journal`); it raises
         the OSError of a write or fsync that failed."""
+        loop = asyncio.get_running_loop()
         batch = self._batch
         if batch is None:
-            loop = asyncio.get_running_loop()
-            batch = self._batch = _Batch(loop.create_future())
+            batch = self._batch = _Batch()
             loop.call_soon(self._write_batch)  # one write a turn, however many requests
+        waiter = loop.create_future()
         batch.entries.append(entry)
-        return batch.done
+        batch.waiters.append(waiter)
+        return waiter
 
     def _write_batch(self) -> None:
         batch, self._batch = self._batch, None
@@ -256,7 +271,7 @@ class UsageJournal:
                 raise
         except OSError as exc:
             log.error("usage_journal_write_failed", error=str(exc))
-            batch.done.set_exception(exc)
+            batch.settle(exc)
             return
         segment.uncommitted += len(batch.entries)
         with self._lock:
@@ -268,7 +283,7 @@ class UsageJournal:
                 self._wanted.notify()
         if not self._sync_before_answer:
             self._on_durable(batch.entries)
-            batch.done.set_result(None)
+            batch.settle()
 
     def _segment_to_write(self) -> Segment:
         """The current segment, or the spare once the current one is due to be left."""
@@ -344,10 +359,9 @@ class UsageJournal:
         for segment, batch in unsynced:
             if error is not None:
                 segment.uncommitted -= len(batch.entries)  # never queued: 503 answers
-                batch.done.set_exception(error)
             else:
                 self._on_durable(batch.entries)
-                batch.done.set_result(None)
+            batch.settle(error)
         self._synced_batches = covered
         if self._caught_up is not None and not self._caught_up.done():
             self._caught_up.set_result(None)

@@ -91,9 +91,7 @@ class UsageRecorder:
         if not self._journaled:
             self._enqueue([entry])
             return None
-        # Shielded: the batch's one future is shared, and a cancelled waiter must not cancel
-        # it for the rest of the batch.
-        return asyncio.shield(self._journal.append(entry))
+        return self._journal.append(entry)
 
     def add_unjournaled(self, entry: UsageEntry) -> None:
         """Queue `entry` for the database without the journal (for when the journal fails)."""
