@@ -89,12 +89,24 @@ class Segment:
     whose fsync has not failed)."""
 
     @classmethod
-    def create(cls, directory: Path) -> Segment:
+    def create(cls, directory: Path, *, zeroed: int = 0) -> Segment:
+        """A new segment, its first `zeroed` bytes written as zeros where the disk has room.
+
+        NOTE: an fsync of a file that grew must also commit its new size and blocks to the
+        filesystem's journal; overwriting blocks already written needs only the data: ~35% less
+        time and CPU an fsync here (perf/README.md, "Session 9"). A reader stops at the zeros
+        as at any torn tail.
+        """
         # Locked before it is visible under a name other workers claim.
         name = f"usage-{os.getpid()}-{time.time_ns()}.journal"
         hidden = directory / f".{name}"
-        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            _write_all(fd, bytes(zeroed), 0)
+            os.fdatasync(fd)
+        except OSError:
+            os.ftruncate(fd, 0)  # no room to spare: the segment grows as it is written
         os.rename(hidden, directory / name)
         _sync_directory(directory)
         return cls(directory / name, fd)
@@ -120,17 +132,22 @@ class Segment:
 
     def write(self, data: bytes) -> None:
         """Append `data` whole, or raise (then whatever part was written is a torn tail)."""
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        _write_all(self.fd, data, self.size)
         self.size += len(data)
 
     def sync(self) -> None:
-        os.fsync(self.fd)
+        os.fdatasync(self.fd)  # the data, and the size where it grew: all a reader needs
 
     def delete(self) -> None:
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _sync_directory(directory: Path) -> None:
@@ -237,9 +254,9 @@ class UsageJournal:
     def open(self) -> None:
         """A segment to write and a spare, made at start (the only time the caller waits)."""
         self._directory.mkdir(parents=True, exist_ok=True)
-        self._current = Segment.create(self._directory)
+        self._current = Segment.create(self._directory, zeroed=self._zeroed)
         self._segments.append(self._current)
-        self._spare = self._thread.submit(Segment.create, self._directory)
+        self._spare = self._new_spare()
         loop = asyncio.get_running_loop()
         self._syncer = threading.Thread(
             target=self._sync_in_thread, args=(loop,), name="usage-sync", daemon=True
@@ -297,7 +314,7 @@ class UsageJournal:
             return current
         if not spare.done():  # the current one failed a write, and the spare is still coming
             raise OSError("no journal segment is ready to write")
-        self._spare = self._thread.submit(Segment.create, self._directory)
+        self._spare = self._new_spare()
         try:
             fresh = spare.result()
         except OSError:
@@ -309,6 +326,14 @@ class UsageJournal:
         if current is not None and current.uncommitted == 0:
             self._retire(current)
         return fresh
+
+    @property
+    def _zeroed(self) -> int:
+        """A segment's zeros: a little past where it is left once all of it is committed."""
+        return self._recycle_bytes + (self._recycle_bytes >> 2)
+
+    def _new_spare(self) -> Future[Segment]:
+        return self._thread.submit(Segment.create, self._directory, zeroed=self._zeroed)
 
     def _retire(self, segment: Segment) -> None:
         """Delete `segment`, all of it committed, in the thread (after any fsync under way)."""
