@@ -3,14 +3,14 @@
 Each worker appends to its own segment file, one line a record: the CRC-32 of the JSON (8 hex
 digits), a space, the JSON, over zeros written ahead (a reader stops at them as at a torn
 tail). The event loop writes the records of each of its turns together, at the next turn: a
-write into the kernel's page cache, a few microseconds, after which they outlive the worker's crash or SIGKILL. A thread of the journal's own brings what was written
-to the disk with `fsync`, one at a time, each covering every record written before it began
-(group commit), and the next at once while there is more: the loop is told of each, but never
-waited for in between. With `sync_before_answer` (durability `journal`) an answer waits for the
-fsync that covers its record, so not even a power loss can take it; without it (`written`) the
-answer leaves once its record is written, and the fsync follows within `SYNC_BEHIND_S`. The loop
-never waits for the disk: a stalled fsync delays answers in `journal` mode only, and writing goes
-on.
+write into the kernel's page cache, a few microseconds, after which they outlive the worker's
+crash or SIGKILL. A thread of the journal's own brings what was written to the disk with
+`fsync`, one at a time, each covering every record written before it began (group commit), and
+the next at once while there is more: the loop is told of each, but never waited for in
+between. With `sync_before_answer` (durability `journal`) an answer waits for the fsync that
+covers its record, so not even a power loss can take it; without it (`written`) the answer
+leaves once its record is written, and the fsync follows within `SYNC_BEHIND_S`. The loop never
+waits for the disk: a stalled fsync delays answers in `journal` mode only, and writing goes on.
 
 A record joins the recorder's queue once it is as durable as the mode promises, in the order
 written. Once a segment has grown past `recycle_bytes` and everything in it is committed to the
