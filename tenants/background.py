@@ -6,7 +6,7 @@ job arrived) preempts whatever runs on its core, most often the event loop's own
 then loses its caches and waits for a core again. A batch thread is never woken into a
 preemption: it runs when the core is next free, milliseconds at most, with the same share of
 the CPU as before. In a 2-worker run at 64 connections the loop's thread was preempted 1.1
-times a request instead of 1.6, and a request cost ~4% less CPU (perf/README.md, "Session 9").
+times a request instead of 1.6, and a request cost ~5% less CPU (perf/README.md, "Session 9").
 """
 
 from __future__ import annotations
