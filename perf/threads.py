@@ -14,21 +14,16 @@ the work, not in it (perf/README.md, "Session 9").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import secrets
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from perf import provision, servers
-from perf.bench import IRIS
-from perf.loadgen import Target, run_load
+from perf import served, servers
+from perf.loadgen import run_load
 
 _THREAD = re.compile(r'Thread (\d+) \([^)]*\): "([^"]+)"')
-_POOL_SUFFIX = re.compile(r"_\d+$")  # a pool's threads count as one: uvloop_0, uvloop_1 …
+_POOL_SUFFIX = re.compile(r"_\d+$")  # a pool's threads count as one: blocking_0, blocking_1 …
 
 
 def _thread_counters(pid: int) -> dict[tuple[int, int], tuple[float, int, int]]:
@@ -63,34 +58,17 @@ def _thread_names(spy: str, pid: int) -> dict[tuple[int, int], str]:
 
 
 def _measure(args: argparse.Namespace, spy: str, durability: str) -> None:
-    scratch = Path(tempfile.mkdtemp(prefix="tenantserve-threads-"))
-    admin = ("perf-admin", secrets.token_urlsafe(24))
-    limiter = "redis://127.0.0.1:6379/14" if servers.redis_answers() else "memory://"
-    env = servers.tenantserve_env(
-        port=servers.free_port(),
-        workers=args.workers,
-        database_url=f"sqlite:///{scratch / 'threads.db'}",
-        limiter_uri=limiter,
-        model_dir=scratch / "models",
-        admin=admin,
-    )
-    env.update(TENANTSERVE_MODEL_VERSION="v2-logreg", TENANTSERVE_USAGE_DURABILITY=durability)
-    server = servers.start_tenantserve(env, log_path=scratch / "server.log", cwd=scratch)
-    try:
-        _, keys = provision.provision(
-            server.url, username=admin[0], password=admin[1], tenant="threads",
-            keys=8, rate_limit="1000000000/minute",
-        )  # fmt: skip
-        target = Target(server.port, "/v1/predict", json.dumps(IRIS).encode(), keys)
-        run_load(target, connections=args.connections, seconds=2)  # warm up
+    durable = {"TENANTSERVE_USAGE_DURABILITY": durability}
+    with served.logreg_server(workers=args.workers, connections=args.connections, env=durable) as (
+        server,
+        target,
+    ):
         before = _thread_counters(server.process.pid)
         idle_before, machine_before = servers.machine_idle_seconds()
         result = run_load(target, connections=args.connections, seconds=args.seconds)
         idle_after, machine_after = servers.machine_idle_seconds()
         after = _thread_counters(server.process.pid)
         names = _thread_names(spy, server.process.pid)
-    finally:
-        servers.stop(server)
     # By name: CPU seconds, voluntary and involuntary switches.
     totals: dict[str, list[float]] = {}
     for thread, now in after.items():
@@ -122,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "--durability", default="journal,written", help="comma-separated, one run each"
     )
     args = parser.parse_args(argv)
-    spy = shutil.which("py-spy", path=str(servers.BIN)) or shutil.which("py-spy")
+    spy = served.py_spy()
     if spy is None:
         parser.error("py-spy is not installed (it is a dev dependency: `make`)")
     for durability in args.durability.split(","):
