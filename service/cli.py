@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings, get_settings
+from service.http_protocol import OneWriteProtocol
 from service.listening import SPREADS_CONNECTIONS, ReusePortSocket
 from service.logging import configure_logging, stdlib_logging_config
 from service.serving.registry import (
@@ -149,6 +150,7 @@ def serve(_args: argparse.Namespace) -> None:
         "proxy_headers": True,
         "forwarded_allow_ips": settings.forwarded_allow_ips,
         "ws": "none",  # no WebSocket routes: an upgrade attempt is refused before any app code
+        "http": OneWriteProtocol,
     }
     if settings.workers > 1 and SPREADS_CONNECTIONS:
         _serve_with_a_socket_per_worker(uvicorn.Config(APP, **options))
