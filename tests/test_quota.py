@@ -7,7 +7,8 @@ any model work, and consumes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
+from service.limits.rate_limiter import QuotaSeed, RateLimiter
 from tests.conftest import (
     FEATURES,
     LiveServer,
@@ -186,3 +188,63 @@ def test_batches_of_mixed_sizes_never_overshoot_and_the_rest_can_be_used(
             served += 1
         assert_quota_exceeded(client.post("/v1/predict", json=FEATURES, headers=headers))
         assert quota_once_recorded(client, headers, 100)["used"] == 100
+
+
+def _month_of_requests(uri: str, seed: QuotaSeed, requests: int) -> list[Any]:
+    """`requests` predictions of one tenant arriving together at a fresh limiter: what each
+    was counted as (or the exception it got)."""
+
+    async def month() -> list[Any]:
+        limiter = RateLimiter(uri, strict=True)
+        try:
+            return await asyncio.gather(
+                *(limiter.consume_quota("acme:2026-12", 1, 1000, seed) for _ in range(requests)),
+                return_exceptions=True,
+            )
+        finally:
+            await limiter.close()
+
+    return asyncio.run(month())
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_a_counter_is_seeded_once_however_many_requests_find_it_unseeded(
+    storage: str, request: pytest.FixtureRequest
+) -> None:
+    """The database is asked for the month's count once per process, not once per request
+    that arrives while it is being asked (a new month's first second of a busy tenant)."""
+    uri = "memory://" if storage == "memory" else request.getfixturevalue("redis_url")
+    asked = []
+
+    async def count_in_the_database() -> int:
+        asked.append(1)
+        await asyncio.sleep(0.05)
+        return 10
+
+    counted = _month_of_requests(uri, count_in_the_database, 50)
+    assert len(asked) == 1
+    assert sorted(counted) == list(range(11, 61))  # every one counted, on top of the 10
+
+
+def test_a_seed_that_failed_is_tried_again_by_the_next_request() -> None:
+    outcomes: Iterator[Exception | int] = iter([ConnectionError("database unreachable"), 10])
+
+    async def count_in_the_database() -> int:
+        await asyncio.sleep(0.01)
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def two_requests() -> list[Any]:
+        limiter = RateLimiter("memory://", strict=True)
+        first = await asyncio.gather(
+            limiter.consume_quota("acme:2026-12", 1, 1000, count_in_the_database),
+            return_exceptions=True,
+        )
+        second = await limiter.consume_quota("acme:2026-12", 1, 1000, count_in_the_database)
+        await limiter.close()
+        return [*first, second]
+
+    failed, counted = asyncio.run(two_requests())
+    assert isinstance(failed, ConnectionError) and counted == 11
