@@ -7,6 +7,7 @@ changes; and, with two real uvicorn workers, a revocation every worker obeys wit
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from auth import keys
 from service.api.key_cache import KeyCache
@@ -326,3 +328,32 @@ def test_a_lookup_that_straddles_a_revocation_is_not_cached() -> None:
     assert cache.get("k") == (False, None, None)  # but the next one reads the database again.
     cache.put("k", stale, generation=cache.generation)
     assert cache.get("k")[0]
+
+
+def test_requests_arriving_together_with_an_uncached_key_look_it_up_once(
+    client: TestClient,
+) -> None:
+    """A worker's first requests with a key, or its first after the key's record expired or
+    was cleared, ask the database for it once between them, not once each."""
+    customer = new_customer(client)
+    engine = client.app.state.resources.engine
+    lookups: list[str] = []
+
+    def count(_connection: object, _cursor: object, statement: str, *_rest: object) -> None:
+        if "FROM api_keys" in statement:
+            lookups.append(statement)
+
+    gate = threading.Barrier(20, timeout=30)
+
+    def one(_: int) -> int:
+        gate.wait()
+        return predict(client, customer.key["key"]).status_code
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            statuses = Counter(pool.map(one, range(20)))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert statuses == {200: 20}
+    assert len(lookups) == 1, lookups

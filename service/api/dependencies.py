@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated
 
 import structlog
@@ -89,8 +90,9 @@ async def _verified_key(resources: Resources, token: str) -> tuple[KeyRecord, Cu
         if not keys.was_issued(token, pepper):
             raise InvalidCredentials(headers=_KEY_CHALLENGE)
         generation = resources.keys.generation
+        lookup = partial(asyncio.to_thread, _load_record, resources.engine, key_id)
         try:
-            record = await asyncio.to_thread(_load_record, resources.engine, key_id)
+            record = await resources.keys.lookups.run((key_id, generation), lookup)
         except SQLAlchemyError:
             raise NotReady(_DATABASE_DOWN) from None
         customer = resources.keys.put(key_id, record, generation=generation)

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Final
 
 from auth.principals import Customer
+from service.single_flight import SingleFlight
 from tenants.repository import KeyRecord
 
 _TTL_S: Final = 60.0
@@ -35,6 +36,9 @@ class KeyCache:
         self._generation = 0
         self._max_entries = max_entries
         self.legacy_ids = legacy_ids
+        self.lookups: SingleFlight[tuple[str, int], KeyRecord | None] = SingleFlight()
+        """Database lookups of missing keys, by key id and generation: one at a time for each.
+        A lookup begun before a clear is not shared with requests that arrive after it."""
 
     @property
     def generation(self) -> int:

@@ -29,6 +29,7 @@ from limits import RateLimitItem
 from redis import asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from service.single_flight import SingleFlight
 from tenants.errors import Overloaded
 from tenants.rate_limits import parse_limit
 
@@ -163,35 +164,6 @@ QuotaSeed = Callable[[], Awaitable[int]]
 """The month's count so far, from the database: what an unseeded quota counter starts at."""
 
 
-class _OneSeedPerCounter:
-    """Seeds of quota counters, one at a time per counter in this process: the requests that
-    find a counter unseeded while its seed is under way wait for that one.
-
-    NOTE: each of them used to seed it itself. At a new month, after Redis restarted or an
-    outage ended, every request of a busy tenant in its first fraction of a second asked the
-    database for the same month's count, and their answers waited behind that queue: a
-    quota'd tenant's first seconds had a p99 of ~90 ms against ~30 once seeded
-    (perf/README.md, "Session 10").
-    """
-
-    def __init__(self) -> None:
-        self._under_way: dict[str, asyncio.Future[None]] = {}
-
-    async def seed(self, key: str, seed_counter: Callable[[], Awaitable[None]]) -> None:
-        """Run `seed_counter` for `key` unless one is under way; either way, wait for it."""
-        under_way = self._under_way.get(key)
-        if under_way is None:
-            under_way = self._under_way[key] = asyncio.ensure_future(seed_counter())
-            under_way.add_done_callback(lambda done: self._finished(key, done))
-        # Shielded: a waiter that is cancelled (its client left) leaves the seed to the others.
-        await asyncio.shield(under_way)
-
-    def _finished(self, key: str, done: asyncio.Future[None]) -> None:
-        del self._under_way[key]  # a seed that failed is tried again by the next request
-        if not done.cancelled():
-            done.exception()  # retrieved: each waiter got it already
-
-
 class _LocalWindow:
     """One key's moving window in this process, as hit counts per time slice.
 
@@ -234,7 +206,7 @@ class _LocalStore:
     def __init__(self) -> None:
         self._windows: dict[tuple[str, int], _LocalWindow] = {}
         self._quota_used: dict[str, int] = {}
-        self._seeds = _OneSeedPerCounter()
+        self._seeds: SingleFlight[str, None] = SingleFlight()
 
     async def hit(self, key: str, item: RateLimitItem) -> WindowState:
         window, now = item.get_expiry(), time.monotonic()
@@ -256,7 +228,7 @@ class _LocalStore:
             async def seed_counter() -> None:
                 self._quota_used.setdefault(key, await seed())
 
-            await self._seeds.seed(key, seed_counter)
+            await self._seeds.run(key, seed_counter)
         # No await between the check and the increment: atomic on the event loop.
         if self._quota_used[key] + amount > quota:
             return None
@@ -363,7 +335,7 @@ class _RedisStore:
         )
         self._windows = _GatheredCalls(self.client, _SLICED_WINDOW_LUA)
         self._quotas = _GatheredCalls(self.client, _QUOTA_LUA)
-        self._seeds = _OneSeedPerCounter()
+        self._seeds: SingleFlight[str, None] = SingleFlight()
 
     async def hit(self, key: str, item: RateLimitItem) -> WindowState:
         window = item.get_expiry()
@@ -388,7 +360,7 @@ class _RedisStore:
                 # NX: another process may have seeded it meanwhile, and been counted since.
                 await self.client.set(redis_key, await seed(), nx=True, ex=_QUOTA_TTL_S)
 
-            await self._seeds.seed(redis_key, seed_counter)
+            await self._seeds.run(redis_key, seed_counter)
             outcome = await self._quotas.call(redis_key, (amount, quota))
         return int(outcome) if outcome >= 0 else None
 
