@@ -34,7 +34,7 @@ class _HeadHoldingTransport:
     def write(self, data: bytes) -> None:
         if self._head is not None:
             head, self._head = self._head, None
-            self._transport.write(head + data)
+            self._transport.write(b"".join((head, data)))  # any bytes-like body
         elif self._expecting_head and not data.startswith(_INTERIM):
             self._expecting_head = False
             self._head = data
