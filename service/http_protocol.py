@@ -3,8 +3,9 @@
 uvicorn writes a response's status line and headers as soon as the app sends
 `http.response.start`, and its body at `http.response.body`: two system calls and two TCP
 segments for every answer, each paid again by the client that reads them. Here the head waits
-for the body's first write and both leave in one `writelines` (one `writev`, no copy), as
-aiohttp does since aio-libs/aiohttp#10991. Nothing waits longer than its response: a head with
+for the body's first write and both leave in one, joined (as aiohttp does since
+aio-libs/aiohttp#10991; joined, because uvloop sends two buffers through a slower path than one:
+`perf/README.md`, "Session 10"). Nothing waits longer than its response: a head with
 no body to follow (HEAD, 204, a 304) leaves when the response completes, and one whose app
 fails before its body leaves as the connection closes.
 """
