@@ -1,9 +1,10 @@
 """One call at a time per key: whoever asks while one is under way waits for that one.
 
-What a cold cache needs in front of the database: when an entry is missing (a worker's start,
-a key's record expired or cleared, a tenant's new month), every request in flight for it finds
-it missing at once. Each asking the database itself made a burst of identical queries, and the
-requests waited behind all of them (perf/README.md, "Session 10").
+What a cold cache needs in front of what fills it: when an entry is missing (a worker's start,
+a key's record expired or cleared, a tenant's new month, a model version not loaded yet), every
+request in flight for it finds it missing at once. Each asking the database itself made a burst
+of identical queries, and the requests waited behind all of them (perf/README.md, "Session
+10"); each loading a model would hold one copy of it a request.
 """
 
 from __future__ import annotations

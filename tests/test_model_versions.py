@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +14,8 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
+from service.serving.holder import ModelHolder
+from service.serving.runtime import LoadedModel
 from tests.conftest import (
     FEATURES,
     Customer,
@@ -160,3 +164,16 @@ def test_the_activating_worker_serves_the_new_version_from_its_answer_on(
             assert activated.status_code == 200, activated.text
             served += [(version, version_of(client, customer)) for _ in range(5)]
     assert [pair for pair in served if pair[0] != pair[1]] == []
+
+
+def test_a_version_asked_for_by_many_requests_at_once_is_loaded_once(model_dir: Path) -> None:
+    """The first requests pinned to a version the worker has not loaded share one load: one
+    copy of the model in memory, not one a request."""
+    holder = ModelHolder.load(model_dir, "v2-logreg", max_loaded=4, intra_op_threads=1)
+
+    async def many_at_once() -> list[LoadedModel]:
+        return await asyncio.gather(*(holder.preload("v1-forest") for _ in range(10)))
+
+    loaded = asyncio.run(many_at_once())
+    assert {model.version for model in loaded} == {"v1-forest"}
+    assert len({id(model) for model in loaded}) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -19,6 +20,7 @@ from auth.principals import Customer
 from service import metrics
 from service.serving.registry import ModelError
 from service.serving.runtime import LoadedModel, load_model
+from service.single_flight import SingleFlight
 from tenants.errors import NotReady
 from tenants.rollout import PlatformVersions, version_for
 
@@ -33,7 +35,7 @@ class ModelHolder:
         self._max_loaded = max(2, max_loaded)
         self._intra_op_threads = intra_op_threads
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict({initial.version: initial})
-        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self._loading: SingleFlight[str, LoadedModel] = SingleFlight()
         self.platform = PlatformVersions(active=initial.version)
         self.refused: dict[str, str] = {}
         """Versions that failed to load, with why: shown on `/ready`."""
@@ -82,28 +84,21 @@ class ModelHolder:
         if model is not None:
             self._loaded.move_to_end(version)
             return model
-        pending = self._loading.get(version)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._loading[version] = pending
-            try:
-                model = await asyncio.to_thread(
-                    load_model, self._model_dir, version, intra_op_threads=self._intra_op_threads
-                )
-            except (ModelError, OSError) as exc:
-                self.refused[version] = str(exc)
-                log.error("model_refused", model_version=version, error=str(exc))
-                pending.set_exception(exc)
-                pending.exception()  # retrieved: nobody else may be waiting
-                raise
-            finally:
-                del self._loading[version]
-            self.refused.pop(version, None)
-            self._loaded[version] = model
-            self._evict()
-            pending.set_result(model)
-            return model
-        return await asyncio.shield(pending)
+        return await self._loading.run(version, partial(self._load, version))
+
+    async def _load(self, version: str) -> LoadedModel:
+        try:
+            model = await asyncio.to_thread(
+                load_model, self._model_dir, version, intra_op_threads=self._intra_op_threads
+            )
+        except (ModelError, OSError) as exc:
+            self.refused[version] = str(exc)
+            log.error("model_refused", model_version=version, error=str(exc))
+            raise
+        self.refused.pop(version, None)
+        self._loaded[version] = model
+        self._evict()
+        return model
 
     def _evict(self) -> None:
         keep = {self.platform.active, self.platform.rollout_version}
