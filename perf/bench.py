@@ -1,7 +1,8 @@
-"""One benchmark run: the bare FastAPI reference, then tenantserve fully secured, on the same cores.
+"""A benchmark run: the bare FastAPI reference, then tenantserve fully secured, on the same cores.
 
     make bench                       # .venv/bin/python -m perf.bench
     python -m perf.bench --quick     # 3 s per scenario, a smoke test
+    python -m perf.bench --rounds 3  # three whole runs, then each scenario's medians
 
 The machine is shared and noisy (PERF_NOTES.md: ±30% between passes), so every figure is also
 given as a ratio to the bare app measured minutes earlier in the same run. Everything listens on
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import secrets
+import statistics
 import tempfile
 import threading
 import time
@@ -271,10 +273,15 @@ def _other_durability(
         servers.stop(server)
 
 
-def _print_table(rows: list[Row]) -> None:
-    # The floor before and after the rest: the VM's speed can drift within a run.
+def _floor(rows: list[Row]) -> float:
+    """The mean of a run's floors: measured before and after the rest, as the VM's speed can
+    drift within a run."""
     floors = [row.result.rps for row in rows if row.scenario.startswith("(a)")]
-    reference = sum(floors) / len(floors) if floors else 0.0
+    return sum(floors) / len(floors) if floors else 0.0
+
+
+def _print_table(rows: list[Row]) -> None:
+    reference = _floor(rows)
     header = f"{'scenario':<38} {'req/s':>8} {'pred/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
     header += f"{'non-2xx':>8} {'sock':>5} {'vs (a)':>7} {'CPU µs/req':>10} {'busiest':>7} "
     print(header + f"{'Redis µs':>8} {'idle':>5}")
@@ -312,19 +319,8 @@ def _usage_verdict(usage: Usage) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf.bench", description="tenantserve bench")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per scenario")
-    parser.add_argument("--quick", action="store_true", help="3 s per scenario")
-    parser.add_argument("--batch", type=int, default=100, help="items per batch request")
-    parser.add_argument("--keys", type=int, default=8)
-    parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
-    parser.add_argument("--postgres", action="store_true", help="PostgreSQL instead of SQLite")
-    parser.add_argument("--database-url", default=PG_SERVER, help="server for --postgres")
-    args = parser.parse_args(argv)
-    seconds = 3.0 if args.quick else args.duration
+def _run(args: argparse.Namespace, seconds: float) -> list[Row] | None:
+    """One whole run, its table and verdicts printed; its rows, or None if it failed any check."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results = Path(__file__).resolve().parent / "results" / f"bench-{stamp}"
     results.mkdir(parents=True)
@@ -341,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, httpx.HTTPError, OSError, KeyError, ValueError) as error:
             _print_table(rows)
             print(f"bench failed: {error!r}; server logs in {results}")
-            return 1
+            return None
     print(f"tenantserve: {setup}; load tool {rows[-1].result.tool}\n")
     _print_table(rows)
     print("\n" + _usage_verdict(usage))
@@ -365,7 +361,52 @@ def main(argv: list[str] | None = None) -> int:
         "secrets_in_log": leaked,
     }
     (results / "bench.json").write_text(json.dumps(summary, indent=1))
-    return 0 if _usage_ok(usage) and not leaked else 1
+    return rows if _usage_ok(usage) and not leaked else None
+
+
+def _print_medians(runs: list[list[Row]]) -> None:
+    """Each scenario's median over the runs: its ratio to its own run's floor, p99, CPU."""
+    print(f"\nmedians over {len(runs)} runs (each ratio against the floor of its own run)")
+    print(f"{'scenario':<38} {'vs (a)':>7} {'pred/s':>9} {'p99 ms':>7} {'CPU µs/req':>10}")
+    for scenario in dict.fromkeys(row.scenario for run in runs for row in run):
+        found = [(row, run) for run in runs for row in run if row.scenario == scenario]
+        same = [row for row, _ in found]
+        ratios = [row.result.rps / _floor(run) for row, run in found]
+        print(
+            f"{scenario:<38} {statistics.median(ratios):>7.2f} "
+            f"{statistics.median(row.predictions_per_second for row in same):>9.0f} "
+            f"{statistics.median(row.result.p99_ms for row in same):>7.1f} "
+            f"{statistics.median(row.server_cpu_us for row in same):>10.0f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m perf.bench", description="tenantserve bench")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per scenario")
+    parser.add_argument("--quick", action="store_true", help="3 s per scenario")
+    parser.add_argument("--batch", type=int, default=100, help="items per batch request")
+    parser.add_argument("--keys", type=int, default=8)
+    parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--postgres", action="store_true", help="PostgreSQL instead of SQLite")
+    parser.add_argument("--database-url", default=PG_SERVER, help="server for --postgres")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="whole runs, then each scenario's medians"
+    )
+    args = parser.parse_args(argv)
+    seconds = 3.0 if args.quick else args.duration
+    runs = []
+    for number in range(args.rounds):
+        if args.rounds > 1:
+            print(f"\nrun {number + 1} of {args.rounds}")
+        rows = _run(args, seconds)
+        if rows is None:
+            return 1
+        runs.append(rows)
+    if len(runs) > 1:
+        _print_medians(runs)
+    return 0
 
 
 if __name__ == "__main__":
