@@ -34,8 +34,7 @@ class _HeadHoldingTransport:
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
-            head, self._head = self._head, None
-            self._transport.write(b"".join((head, data)))  # any bytes-like body
+            self.flush(data)
         elif self._expecting_head and not data.startswith(_INTERIM):
             self._expecting_head = False
             self._head = data
@@ -47,10 +46,11 @@ class _HeadHoldingTransport:
         self.flush()
         self._expecting_head = True
 
-    def flush(self) -> None:
+    def flush(self, body: bytes = b"") -> None:
+        """Send the head held, if any, with `body` (of any bytes-like type) in one write."""
         if self._head is not None:
             head, self._head = self._head, None
-            self._transport.write(head)
+            self._transport.write(b"".join((head, body)) if body else head)
 
     def close(self) -> None:
         self.flush()

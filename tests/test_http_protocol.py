@@ -13,9 +13,7 @@ import io
 import json
 import socket
 
-from tests.conftest import LiveServer, bearer, new_customer, wait_for
-
-IRIS = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+from tests.conftest import FEATURES, LiveServer, bearer, new_customer, wait_for
 
 
 class _Wire:
@@ -71,7 +69,7 @@ def _request(
 def test_pipelined_requests_are_answered_whole_and_in_order(two_workers: LiveServer) -> None:
     with two_workers.client() as client:
         customer = new_customer(client)
-    body = json.dumps(IRIS).encode()
+    body = json.dumps(FEATURES).encode()
     predict = _request("POST", "/v1/predict", headers=customer.headers, body=body)
     wire = _Wire(two_workers)
     try:
@@ -102,7 +100,7 @@ def test_a_head_request_gets_its_head_and_the_connection_goes_on(two_workers: Li
 def test_expect_100_continue_is_answered_before_the_body_is_sent(two_workers: LiveServer) -> None:
     with two_workers.client() as client:
         customer = new_customer(client)
-    body = json.dumps(IRIS).encode()
+    body = json.dumps(FEATURES).encode()
     headers = {**customer.headers, "Expect": "100-continue", "Content-Length": str(len(body))}
     wire = _Wire(two_workers)
     try:
@@ -120,7 +118,8 @@ def test_a_streamed_csv_export_arrives_whole(two_workers: LiveServer) -> None:
         customer = new_customer(client)
         for _ in range(3):
             assert (
-                client.post("/v1/predict", json=IRIS, headers=customer.headers).status_code == 200
+                client.post("/v1/predict", json=FEATURES, headers=customer.headers).status_code
+                == 200
             )
         params = {"tenant_id": customer.tenant["id"]}
 
