@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 """The newest migration's revision: what a current database's `alembic_version` holds."""
 _PG_MIGRATION_LOCK = 727_001  # any constant: one advisory lock for schema upgrades
 
