@@ -63,10 +63,12 @@ class RequestMiddleware:
         context = RequestContext(request_id=request_id)
         context.attach(scope)
         response: dict[str, Any] = {"status": 500, "started": False, "entry": None}
-        send = self._problem_for_plain_413(send, request_id)
+        problem_413: list[bytes] = []
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if message["status"] == 413:
+                    self._as_problem_413(message, problem_413, request_id)
                 response["status"] = message["status"]
                 response["started"] = True
                 if response["entry"] is None:
@@ -86,6 +88,8 @@ class RequestMiddleware:
                             context.customer, window, context.quota_remaining
                         )
                 message["headers"] = headers
+            elif problem_413:
+                message = {"type": "http.response.body", "body": problem_413.pop()}
             if context.idempotency is not None:
                 await context.idempotency.relay(message, send)
             else:
@@ -122,25 +126,18 @@ class RequestMiddleware:
         return fast_id()
 
     @staticmethod
-    def _problem_for_plain_413(send: Send, request_id: str) -> Send:
-        """Starlette's body limit answers `Content Too Large` in plain text: say it our way."""
-        pending: list[bytes] = []
-
-        async def send_problem_413(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 413:
-                headers = message.get("headers", ())
-                if (b"content-type", PROBLEM_CONTENT_TYPE.encode()) not in headers:
-                    error = PayloadTooLarge()
-                    body = problem_body(status=413, code=error.code, title=error.title,
-                                        detail=error.detail, request_id=request_id)  # fmt: skip
-                    kept = [(k, v) for k, v in headers if k not in _REPLACED_ON_413]
-                    message["headers"] = [*kept, *_problem_headers(body, close=True)]
-                    pending.append(body)
-            elif message["type"] == "http.response.body" and pending:
-                message = {"type": "http.response.body", "body": pending.pop()}
-            await send(message)
-
-        return send_problem_413
+    def _as_problem_413(message: Message, body_out: list[bytes], request_id: str) -> None:
+        """Starlette's body limit answers `Content Too Large` in plain text: say it our way (the
+        problem's body goes out in place of the plain one, from `body_out`)."""
+        headers = message.get("headers", ())
+        if (b"content-type", PROBLEM_CONTENT_TYPE.encode()) in headers:
+            return
+        error = PayloadTooLarge()
+        body = problem_body(status=413, code=error.code, title=error.title,
+                            detail=error.detail, request_id=request_id)  # fmt: skip
+        kept = [(k, v) for k, v in headers if k not in _REPLACED_ON_413]
+        message["headers"] = [*kept, *_problem_headers(body, close=True)]
+        body_out.append(body)
 
     @staticmethod
     def _entry(
