@@ -37,7 +37,10 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             # WAL lets readers and the usage writer work side by side across workers.
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk when it returns, as on PostgreSQL. Under NORMAL a power
+            # loss can undo commits the WAL has not checkpointed yet, and by then the usage
+            # journal has deleted those records' segment: they would be gone from both.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
+from tenants.database import make_engine
 from tenants.usage.journal import UsageJournal, encode
 from tenants.usage.records import UsageEntry
 from tests.conftest import (
@@ -170,6 +171,18 @@ def test_a_torn_and_a_corrupt_journal_are_replayed_up_to_what_is_whole(
             )
         assert sorted(r["request_id"] for r in records) == sorted(set(expected))
         assert list(journal.glob("usage-*.journal")) == []
+
+
+def test_a_sqlite_commit_is_on_disk_before_its_segment_can_go(tmp_path: Path) -> None:
+    """A committed record's journal segment is deleted, so the commit itself must survive a
+    power loss: SQLite's WAL under `synchronous=NORMAL` can undo commits not yet checkpointed;
+    `FULL` syncs the WAL at each commit (PostgreSQL's commits are durable by default)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'usage.db'}")
+    with engine.connect() as connection:
+        mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar()
+    engine.dispose()
+    assert (mode, synchronous) == ("wal", 2)  # 2 is FULL
 
 
 def journal_files(directory: Path) -> list[Path]:
