@@ -32,11 +32,15 @@ def _database_ok(resources: Resources) -> bool:
     return True
 
 
+# HEAD as well: uptime monitors probe with it, and a 405 reads to them as the service down.
+# Out of the OpenAPI document, as HEAD usually is: it is the GET without its body (RFC 9110).
+@router.head("/health", include_in_schema=False)
 @router.get("/health", response_model=Health)
 async def health() -> Health:
     return Health()
 
 
+@router.head("/ready", include_in_schema=False)
 @router.get(
     "/ready",
     response_model=Readiness,
