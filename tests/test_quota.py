@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.limits.rate_limiter import QuotaSeed, RateLimiter
+from tenants.usage.records import current_month
 from tests.conftest import (
     FEATURES,
     LiveServer,
@@ -248,3 +249,28 @@ def test_a_seed_that_failed_is_tried_again_by_the_next_request() -> None:
 
     failed, counted = asyncio.run(two_requests())
     assert isinstance(failed, ConnectionError) and counted == 11
+
+
+@pytest.mark.parametrize(
+    ("instant", "label", "ends"),
+    [
+        (
+            datetime(2026, 12, 31, 23, 59, 59, 999999, UTC),
+            "2026-12",
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+        (datetime(2027, 1, 1, tzinfo=UTC), "2027-01", datetime(2027, 2, 1, tzinfo=UTC)),
+        (datetime(2028, 2, 29, 12, tzinfo=UTC), "2028-02", datetime(2028, 3, 1, tzinfo=UTC)),
+        (datetime(2026, 12, 3, 15, tzinfo=UTC), "2026-12", datetime(2027, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_the_quota_month_turns_at_midnight_utc_on_the_first(
+    instant: datetime, label: str, ends: datetime
+) -> None:
+    """The month a quota counts, made once a month and kept: each instant, asked in an order
+    that turns the month back and forth, gets its own."""
+    month = current_month(instant.timestamp())
+    assert month.label == label
+    assert month.start == instant.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    seconds_left = month.seconds_left(instant.timestamp())
+    assert seconds_left == pytest.approx((ends - instant).total_seconds(), abs=1e-5)

@@ -11,12 +11,12 @@ known) carry the key item alone in `RateLimit`.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+import time
 
 from auth.principals import Customer
 from service.limits.rate_limiter import WindowState
 from tenants.rate_limits import parse_limit
-from tenants.usage.records import next_month_start
+from tenants.usage.records import current_month
 
 
 def ratelimit_fields(
@@ -30,7 +30,7 @@ def ratelimit_fields(
     if customer.monthly_quota is not None:
         policy += f', "quota";q={customer.monthly_quota}'
         if quota_remaining is not None:
-            now = datetime.now(UTC)
-            until = math.ceil((next_month_start(now) - now).total_seconds())
+            now = time.time()
+            until = math.ceil(current_month(now).seconds_left(now))
             state += f', "quota";r={quota_remaining};t={until}'
     return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", state.encode())]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import time
+from datetime import datetime
 
 from auth.principals import Customer
 from service import metrics
@@ -11,7 +12,7 @@ from service.resources import Resources
 from tenants.database import unit_of_work
 from tenants.errors import QuotaExceeded
 from tenants.usage.queries import predictions_since
-from tenants.usage.records import month_start, next_month_start
+from tenants.usage.records import current_month
 
 
 class QuotaReservation:
@@ -39,20 +40,21 @@ async def reserve_quota(resources: Resources, customer: Customer, amount: int) -
     quota = customer.monthly_quota
     if quota is None:
         return QuotaReservation(resources, "", 0)
-    now = datetime.now(UTC)
-    key = f"{customer.tenant_id}:{now:%Y-%m}"
+    now = time.time()
+    month = current_month(now)
+    key = f"{customer.tenant_id}:{month.label}"
 
     async def used_so_far() -> int:
         queued = resources.usage.pending_items(customer.tenant_id)
         written = await asyncio.to_thread(
-            _written_predictions, resources, customer.tenant_id, month_start(now)
+            _written_predictions, resources, customer.tenant_id, month.start
         )
         return written + queued
 
     used = await resources.limiter.consume_quota(key, amount, quota, used_so_far)
     if used is None:
         metrics.REJECTIONS.labels("quota").inc()
-        retry_after = max(1, int((next_month_start(now) - now).total_seconds()))
+        retry_after = max(1, int(month.seconds_left(now)))
         raise QuotaExceeded(
             f"This tenant's monthly quota of {quota} predictions would be exceeded.",
             headers={"Retry-After": str(retry_after)},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -47,3 +47,39 @@ def next_month_start(now: datetime) -> datetime:
         if start.month == 12
         else start.replace(month=start.month + 1)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Month:
+    """A calendar month (UTC): what a quota counts."""
+
+    label: str
+    """`2026-12`: its quota counters are named by it."""
+    start: datetime
+    starts_at: float
+    ends_at: float
+    """The next month's start; both in POSIX seconds."""
+
+    @classmethod
+    def of(cls, now: datetime) -> Month:
+        start = month_start(now)
+        return cls(f"{start:%Y-%m}", start, start.timestamp(), next_month_start(now).timestamp())
+
+    def seconds_left(self, now: float) -> float:
+        return self.ends_at - now
+
+
+_month: Month | None = None
+
+
+def current_month(now: float) -> Month:
+    """The month `now` (POSIX seconds) falls in.
+
+    NOTE: made once a month, not once a request: formatting the month's name and finding the
+    next month's start were ~3 µs of every quota'd prediction.
+    """
+    global _month
+    month = _month
+    if month is None or not month.starts_at <= now < month.ends_at:
+        month = _month = Month.of(datetime.fromtimestamp(now, UTC))
+    return month
