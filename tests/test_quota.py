@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
+from service.limits.quota import HOLD_MARGIN
 from service.limits.rate_limiter import QuotaSeed, RateLimiter
 from tenants.usage.records import current_month
 from tests.conftest import (
@@ -24,6 +25,7 @@ from tests.conftest import (
     LiveServer,
     admin_token,
     create_tenant,
+    issue_key,
     new_customer,
 )
 from tests.test_rate_limits import (
@@ -141,6 +143,48 @@ def test_the_quota_holds_across_a_redis_outage(
         assert_quota_exceeded(predict_batch(client, customer.headers, 1))
 
 
+def quota_left(response: httpx.Response) -> int | None:
+    """What the `"quota"` item of the response's `RateLimit` field says is left, if it has one."""
+    for item in response.headers["RateLimit"].split(","):
+        name, *parameters = item.strip().split(";")
+        if name == '"quota"':
+            return int(dict(p.split("=") for p in parameters)["r"])
+    return None
+
+
+HOLDING = HOLD_MARGIN + 1000  # the margin, and the servers' batch cap (their default)
+"""Left of a quota beyond which a single prediction's quota is held with its rate limit."""
+
+
+def test_requests_that_serve_no_prediction_leave_the_quota_whole(client: TestClient) -> None:
+    """A single prediction's quota is held from its rate limit on, before its body is read:
+    whatever then ends without a prediction gives it back, and says nothing of the quota."""
+    token = admin_token(client)
+    tenant = create_tenant(client, token, monthly_quota=HOLDING + 40)
+    customer = new_customer(client, token, tenant=tenant)
+    usage_only = issue_key(client, token, tenant["id"], scopes=["usage:read"])
+    first = client.post("/v1/predict", json=FEATURES, headers=customer.headers)
+    assert first.status_code == 200 and quota_left(first) == HOLDING + 39
+    once = {**customer.headers, "Idempotency-Key": "quota-replay"}
+    assert client.post("/v1/predict", json=FEATURES, headers=once).status_code == 200
+    unserved = [
+        client.post("/v1/predict", json={**FEATURES, "sepal_length": -1}, headers=customer.headers),
+        client.post("/v1/predict", content=b"{", headers=customer.headers),
+        client.post("/v1/predict", json=FEATURES, headers=once),  # the replay
+        client.post("/v1/predict", json=FEATURES, headers={"X-API-Key": usage_only["key"]}),
+    ]
+    assert [r.status_code for r in unserved] == [422, 422, 200, 403]
+    assert [quota_left(r) for r in unserved] == [None] * 4
+    third = client.post("/v1/predict", json=FEATURES, headers=customer.headers)
+    assert third.status_code == 200 and quota_left(third) == HOLDING + 37
+    # Near the end, where every request is decided after its validation: exact to the last.
+    assert predict_batch(client, customer.headers, 1000).status_code == 200
+    assert predict_batch(client, customer.headers, 1000).status_code == 200
+    assert predict_batch(client, customer.headers, HOLDING + 37 - 2000).status_code == 200
+    assert_quota_exceeded(client.post("/v1/predict", json=FEATURES, headers=customer.headers))
+    assert quota_once_recorded(client, customer.headers, HOLDING + 40)["remaining"] == 0
+
+
 # A live server: two workers sharing the quota through Redis (PostgreSQL)
 
 
@@ -171,6 +215,38 @@ def test_concurrent_batches_stop_exactly_at_the_quota(server: LiveServer) -> Non
             "used": 60,
             "remaining": 0,
         }
+
+
+def mixed_burst(server: LiveServer, headers: dict[str, str], valid: int) -> int:
+    """`valid` single predictions and half as many invalid ones, all at once on both workers:
+    how many were served. Each invalid one is a 422 (never a 429), each valid one served or
+    refused for the quota."""
+    invalid = {**FEATURES, "petal_width": "wide"}
+    bodies = [FEATURES, FEATURES, invalid] * (valid // 2)
+    answers = burst([server], headers, bodies)
+    assert len({answer.worker for answer in answers}) == 2, "both workers should take some"
+    for answer, body in zip(answers, bodies, strict=True):
+        if body is invalid:
+            assert answer.status == 422, answer.response.text
+        elif answer.status != 200:
+            assert_quota_exceeded(answer.response)
+    return sum(answer.status == 200 for answer in answers)
+
+
+def test_single_predictions_across_workers_stop_exactly_at_the_quota(server: LiveServer) -> None:
+    """Where the quota is held with the rate limit, across into where it is decided after
+    validation, then at its very end: exact, and nothing taken by the invalid requests."""
+    quota = HOLDING + 20  # held while 20 or fewer are used
+    headers = quota_customer(server, quota)
+    with server.client() as client:  # the month's counter, now in Redis
+        assert client.post("/v1/predict", json=FEATURES, headers=headers).status_code == 200
+    assert mixed_burst(server, headers, 40) == 40
+    with server.client() as client:
+        for _ in range(2):
+            assert predict_batch(client, headers, 1000).status_code == 200
+    assert mixed_burst(server, headers, 20) == quota - 41 - 2000
+    with server.client() as client:
+        assert quota_once_recorded(client, headers, quota)["remaining"] == 0
 
 
 def test_batches_of_mixed_sizes_never_overshoot_and_the_rest_can_be_used(

@@ -41,8 +41,8 @@ class RequestContext:
     items: int = 0
     """Predictions served."""
     quota: QuotaReservation | None = None
-    """What this request reserved of the tenant's monthly quota: given back if its answer
-    cannot be sent."""
+    """What this request reserved of the tenant's monthly quota (a single prediction's from its
+    admission on): given back if it serves no prediction, or its answer cannot be sent."""
     model_version: str | None = None
     features: list[list[float]] | None = None
     """Only kept when `TENANTSERVE_LOG_FEATURES` is on."""

@@ -29,6 +29,7 @@ from auth import keys, tokens
 from auth.principals import Customer, Staff
 from service import metrics
 from service.api.context import context_of
+from service.limits.quota import held_reservation, quota_ask
 from service.logging import anonymise_ip
 from service.resources import Resources, get_resources, resources_of
 from tenants.database import unit_of_work
@@ -106,10 +107,19 @@ async def _verified_key(resources: Resources, token: str) -> tuple[KeyRecord, Cu
     return record, customer
 
 
-async def _enforce_rate_limit(request: Request, resources: Resources, customer: Customer) -> None:
-    """The key's moving window: one storage round trip; headers on every later response."""
-    window = await resources.limiter.hit(customer.rate_limit_key, customer.rate_limit)
-    context_of(request).rate_window = window
+async def _enforce_rate_limit(
+    request: Request, resources: Resources, customer: Customer, reserve: int
+) -> None:
+    """The key's moving window, and `reserve` predictions of the month's quota if the window
+    allows: one storage round trip; headers on every later response."""
+    ask = None
+    if reserve and customer.monthly_quota is not None:
+        ask = quota_ask(customer, reserve, max_batch_size=resources.settings.max_batch_size)
+    window, used = await resources.limiter.admit(customer.rate_limit_key, customer.rate_limit, ask)
+    context = context_of(request)
+    context.rate_window = window
+    if used is not None:
+        context.quota = held_reservation(resources, customer, ask, used)
     if not window.allowed:
         metrics.REJECTIONS.labels("rate_limit").inc()
         raise RateLimited(
@@ -132,9 +142,15 @@ def _authorize(
 
 
 async def admit_customer(
-    request: Request, resources: Resources, api_key: str | None, scopes: Iterable[str]
+    request: Request,
+    resources: Resources,
+    api_key: str | None,
+    scopes: Iterable[str],
+    *,
+    reserve: int = 0,
 ) -> Customer:
-    """Authentication, then the key's limit, then tenant and scope."""
+    """Authentication, then the key's limit (with `reserve` predictions of the quota, for a
+    route that knows how many before reading its body), then tenant and scope."""
     if not api_key:
         raise MissingCredentials(
             "Send your API key in the X-API-Key header.", headers=_KEY_CHALLENGE
@@ -158,7 +174,7 @@ async def admit_customer(
     context = context_of(request)
     context.customer = customer
     context.received_at = datetime.now(UTC)
-    await _enforce_rate_limit(request, resources, customer)
+    await _enforce_rate_limit(request, resources, customer, reserve)
     _authorize(resources, record, customer, scopes)
     return customer
 
@@ -166,15 +182,16 @@ async def admit_customer(
 _PREDICT_SCOPES = ("predict",)
 
 
-async def predict_caller(request: Request) -> tuple[Resources, Customer]:
-    """The prediction routes' gate.
+async def predict_caller(request: Request, *, reserve: int = 0) -> tuple[Resources, Customer]:
+    """The prediction routes' gate (`reserve`: see `admit_customer`).
 
     NOTE: called directly, not through `Depends`: on a route this hot FastAPI's dependency
     solver costs more than authentication and limiting together.
     """
     resources = resources_of(request)
     api_key = request.headers.get("x-api-key")
-    return resources, await admit_customer(request, resources, api_key, _PREDICT_SCOPES)
+    customer = await admit_customer(request, resources, api_key, _PREDICT_SCOPES, reserve=reserve)
+    return resources, customer
 
 
 async def _customer_caller(

@@ -167,7 +167,11 @@ class RequestMiddleware:
         *,
         wait: bool = True,
     ) -> None:
-        """The request's usage record (if metered), durable before the caller's answer."""
+        """The request's usage record (if metered), durable before the caller's answer. A quota
+        reservation the request holds without a prediction served (an invalid body, a 403, a
+        replay) goes back first: the answer's headers and the month count only what was."""
+        if context.quota is not None and not context.items:
+            await context.quota.release()
         entry = self._entry(scope, context, response, started)
         if entry is None:
             return

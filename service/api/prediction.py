@@ -31,7 +31,7 @@ async def predict_rows(
     if resources.settings.log_features:
         context.features = rows.tolist()
     model = await resources.models.for_customer(customer, version)
-    reservation = await reserve_quota(resources, customer, len(rows))
+    reservation = await reserve_quota(resources, customer, len(rows), held=context.quota)
     try:
         proba = await resources.batcher.predict(model, rows)
     except BaseException:

@@ -1,4 +1,18 @@
-"""The tenant's monthly quota: predictions reserved before the model runs, returned if unserved."""
+"""The tenant's monthly quota: predictions reserved before the model runs, returned if unserved.
+
+A single prediction's one is asked for with its key's rate-limit hit (`quota_ask`), in the same
+round trip to the limiter's storage, before its body is even read: the request holds it from
+then on, and gives it back if it ends without a prediction served (an invalid body, a 403, an
+idempotent replay: see `service.api.middleware`). Where that reservation was not made (the
+counter is unseeded, the month is near its quota), `reserve_quota` decides after validation, as
+for a batch, whose amount is only known then.
+
+NOTE: a hold is taken only while more than `HOLD_MARGIN` + the server's batch cap is left. A
+held reservation that turns out unserved is counted until it is given back, and near the end of
+the quota that could refuse a valid request that fits: there every request is decided after its
+validation. For a wrong 429 now, the tenant itself would need over `HOLD_MARGIN` invalid
+requests in flight at once.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +22,12 @@ from datetime import datetime
 
 from auth.principals import Customer
 from service import metrics
+from service.limits.rate_limiter import QuotaAsk
 from service.resources import Resources
 from tenants.database import unit_of_work
 from tenants.errors import QuotaExceeded
 from tenants.usage.queries import predictions_since
-from tenants.usage.records import current_month
+from tenants.usage.records import Month, current_month
 
 
 class QuotaReservation:
@@ -26,8 +41,37 @@ class QuotaReservation:
         """The month's quota left once this is served (None: the tenant has no quota)."""
 
     async def release(self) -> None:
-        if self.amount:
-            await self._resources.limiter.refund_quota(self._key, self.amount)
+        """Give the reservation back (once, however often this is called)."""
+        amount, self.amount, self.remaining = self.amount, 0, None
+        if amount:
+            await self._resources.limiter.refund_quota(self._key, amount)
+
+
+HOLD_MARGIN = 1024
+
+
+def quota_ask(customer: Customer, amount: int, *, max_batch_size: int) -> QuotaAsk | None:
+    """What holding `amount` predictions of this month asks of the limiter: granted only while
+    more than the margin is left (None: the tenant has no quota, or one too small for it)."""
+    quota = customer.monthly_quota
+    if quota is None or quota - HOLD_MARGIN - max_batch_size < amount:
+        return None
+    month = current_month(time.time())
+    return QuotaAsk(_counter_key(customer, month), amount, quota - HOLD_MARGIN - max_batch_size)
+
+
+def _counter_key(customer: Customer, month: Month) -> str:
+    return f"{customer.tenant_id}:{month.label}"
+
+
+def held_reservation(
+    resources: Resources, customer: Customer, ask: QuotaAsk | None, used: int | None
+) -> QuotaReservation | None:
+    """What the limiter reserved with a window hit: the month's count `used` after it."""
+    if ask is None or used is None or customer.monthly_quota is None:
+        return None
+    remaining = max(0, customer.monthly_quota - used)
+    return QuotaReservation(resources, ask.key, ask.amount, remaining=remaining)
 
 
 def _written_predictions(resources: Resources, tenant_id: str, since: datetime) -> int:
@@ -35,14 +79,21 @@ def _written_predictions(resources: Resources, tenant_id: str, since: datetime) 
         return predictions_since(session, tenant_id, since)
 
 
-async def reserve_quota(resources: Resources, customer: Customer, amount: int) -> QuotaReservation:
-    """Atomically count `amount` predictions, or 429 if the month's quota cannot hold them."""
+async def reserve_quota(
+    resources: Resources, customer: Customer, amount: int, *, held: QuotaReservation | None
+) -> QuotaReservation:
+    """Atomically count `amount` predictions, or 429 if the month's quota cannot hold them;
+    `held`, the request's reservation from its admission, when it is for as many."""
+    if held is not None:
+        if held.amount == amount:
+            return held
+        await held.release()  # not what this request turned out to need
     quota = customer.monthly_quota
     if quota is None:
         return QuotaReservation(resources, "", 0)
     now = time.time()
     month = current_month(now)
-    key = f"{customer.tenant_id}:{month.label}"
+    key = _counter_key(customer, month)
 
     async def used_so_far() -> int:
         queued = resources.usage.pending_items(customer.tenant_id)

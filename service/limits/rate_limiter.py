@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import hiredis
 import structlog
@@ -38,25 +38,70 @@ _RETRY_SHARED_AFTER_S = 1.0
 _QUOTA_TTL_S = 40 * 86400
 _MAX_LOCAL_WINDOWS = 100_000
 T = TypeVar("T")
+Call = TypeVar("Call")
 
-# KEYS: one window hash per hit, in arrival order (a key may repeat: its hits apply in order).
-# ARGV: limit and window seconds for each of them. Returns one {allowed, hits in the window,
-# seconds until the oldest of them leaves it} per key. Each hash is `_LocalWindow` in Redis:
+# Month counters in a script: `reserve` adds `amount` to a counter unless that would pass
+# `quota`, answering -1 (unseeded: nothing added), -2 (over: nothing added) or the count after
+# adding (the remaining quota for the response headers, without a round trip). A counter is read
+# once a call and added to once, by what its requests took together (`write_counters`).
+_COUNTERS_LUA = """
+local used, first, counters = {}, {}, {}
+local function reserve(counter, amount, quota)
+  if used[counter] == nil then
+    used[counter] = tonumber(redis.call('GET', counter)) or false
+    first[counter] = used[counter]
+    counters[#counters + 1] = counter
+  end
+  local count = used[counter]
+  if not count then
+    return -1
+  end
+  if count + amount > quota then
+    return -2
+  end
+  used[counter] = count + amount
+  return used[counter]
+end
+local function write_counters()
+  for _, counter in ipairs(counters) do
+    if used[counter] and used[counter] > first[counter] then
+      redis.call('INCRBY', counter, used[counter] - first[counter])
+    end
+  end
+end
+"""
+
+# KEYS: one window hash per hit, in arrival order (a key may repeat: its hits apply in order),
+# then a month counter for each hit that reserves from one. ARGV[1]: the number of hits; then
+# each hit's limit and window in seconds; then for each counter the hit reserving (1-based), the
+# amount and the quota. Returns one {allowed, hits in the window, seconds until the oldest of
+# them leaves it, reserved} per hit. Each hash is `_LocalWindow` in Redis:
 # field = slice index (1/200 of the window), value = hits in it; field `n` = their sum, `o` =
 # the oldest slice that may hold hits. A slice counts until all of it has left the window, so
 # counts err high, never low, and a hash never holds more than 201 slices whatever the limit.
 # Dropping old slices walks each index once: O(1) amortised per hit.
+# A hit the window allows also reserves from its counter (`reserved`: what `reserve` answers,
+# or -3 when nothing was asked or the window said no): a quota'd prediction's limit and quota
+# in one round trip.
 # NOTE: a hash is read once a call and written once, however many of the call's hits are its
 # own (a busy key has many): a command costs Redis ~1 µs, and one a hit was ~12 µs of its CPU.
-_SLICED_WINDOW_LUA = """
+_SLICED_WINDOW_LUA = (
+    _COUNTERS_LUA
+    + """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local n = tonumber(ARGV[1])
+local asks = {}
+for j = 1, #KEYS - n do
+  asks[tonumber(ARGV[2 * n + 3 * j - 1])] = j
+end
 local windows, order, results = {}, {}, {}
-for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[2 * i - 1])
+for i = 1, n do
+  local key = KEYS[i]
+  local limit = tonumber(ARGV[2 * i])
   local w = windows[key]
   if not w then
-    local window = tonumber(ARGV[2 * i])
+    local window = tonumber(ARGV[2 * i + 1])
     local slice = window / 200
     local current = math.floor(now / slice)
     local state = redis.call('HMGET', key, 'n', 'o')
@@ -91,7 +136,13 @@ for i, key in ipairs(KEYS) do
   if w.hits > 0 then
     reset = math.min(w.window, math.max(0, (w.oldest + 1) * w.slice + w.window - now))
   end
-  results[i] = {allowed, w.hits, string.format('%.6f', reset)}
+  local reserved = -3
+  local j = asks[i]
+  if j and allowed == 1 then
+    local at = 2 * n + 3 * j
+    reserved = reserve(KEYS[n + j], tonumber(ARGV[at]), tonumber(ARGV[at + 1]))
+  end
+  results[i] = {allowed, w.hits, string.format('%.6f', reset), reserved}
 end
 for _, key in ipairs(order) do
   local w = windows[key]
@@ -101,39 +152,25 @@ for _, key in ipairs(order) do
   end
   redis.call('HSET', key, 'n', w.hits, 'o', string.format('%d', w.oldest))
 end
+write_counters()
 return results
 """
+)
 
 # KEYS: the tenants' month counters, one per request (a counter may repeat: in order). ARGV:
-# amount and quota for each. Returns for each -1 unseeded, -2 over (nothing added), else the
-# count after adding (the remaining quota for the response headers, without a round trip).
-# Each counter is read once a call and added to once, by what its requests took together.
-_QUOTA_LUA = """
-local first, used, order, results = {}, {}, {}, {}
-for i, key in ipairs(KEYS) do
-  local amount, quota = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  if used[key] == nil then
-    used[key] = tonumber(redis.call('GET', key)) or false
-    first[key] = used[key]
-    order[#order + 1] = key
-  end
-  local count = used[key]
-  if not count then
-    results[i] = -1
-  elseif count + amount > quota then
-    results[i] = -2
-  else
-    used[key] = count + amount
-    results[i] = used[key]
-  end
+# amount and quota for each. Returns what `reserve` answers for each.
+_QUOTA_LUA = (
+    _COUNTERS_LUA
+    + """
+local results = {}
+for i, counter in ipairs(KEYS) do
+  results[i] = reserve(counter, tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]))
 end
-for _, key in ipairs(order) do
-  if used[key] and used[key] > first[key] then
-    redis.call('INCRBY', key, used[key] - first[key])
-  end
-end
+write_counters()
 return results
 """
+)
+_UNSEEDED = -1
 
 
 def _script_sha(script: str) -> str:
@@ -162,6 +199,21 @@ class WindowState:
 
 QuotaSeed = Callable[[], Awaitable[int]]
 """The month's count so far, from the database: what an unseeded quota counter starts at."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaAsk:
+    """`amount` predictions of the month counter `key`, unless its count would pass `quota`."""
+
+    key: str
+    amount: int
+    quota: int
+
+
+Admission = tuple[WindowState, int | None]
+"""A window hit's state, and the month's count after the reservation asked with it (None:
+nothing reserved, because nothing was asked, the window said no, the counter is unseeded or
+the quota would be passed; `consume_quota` then settles it)."""
 
 
 class _LocalWindow:
@@ -208,14 +260,17 @@ class _LocalStore:
         self._quota_used: dict[str, int] = {}
         self._seeds: SingleFlight[str, None] = SingleFlight()
 
-    async def hit(self, key: str, item: RateLimitItem) -> WindowState:
+    async def hit(self, key: str, item: RateLimitItem, quota: QuotaAsk | None) -> Admission:
         window, now = item.get_expiry(), time.monotonic()
         state = self._windows.get((key, window))
         if state is None:
             if len(self._windows) >= _MAX_LOCAL_WINDOWS:  # e.g. sign-ins with made-up names
                 self._forget_idle(now)
             state = self._windows[(key, window)] = _LocalWindow(window)
-        return state.hit(item.amount, window, now)
+        answer = state.hit(item.amount, window, now)
+        if quota is None or not answer.allowed or quota.key not in self._quota_used:
+            return answer, None
+        return answer, self._reserve(quota.key, quota.amount, quota.quota)
 
     def _forget_idle(self, now: float) -> None:
         for (key, window), state in list(self._windows.items()):
@@ -229,6 +284,9 @@ class _LocalStore:
                 self._quota_used.setdefault(key, await seed())
 
             await self._seeds.run(key, seed_counter)
+        return self._reserve(key, amount, quota)
+
+    def _reserve(self, key: str, amount: int, quota: int) -> int | None:
         # No await between the check and the increment: atomic on the event loop.
         if self._quota_used[key] + amount > quota:
             return None
@@ -246,11 +304,11 @@ class _LocalStore:
         return keys
 
 
-class _GatheredCalls:
-    """Calls of one Redis script, each for one key and two numbers, gathered: the calls made
-    while one round trip is in flight wait for the next and go together as one script call,
-    as the model's micro-batch. The script gets every call's key and numbers in arrival order
-    and answers each in that order.
+class _GatheredCalls(Generic[Call]):
+    """Calls of one Redis script, gathered: the calls made while one round trip is in flight
+    wait for the next and go together as one script call, as the model's micro-batch.
+    `arrange` makes the script's keys and numbers of the calls, in arrival order; the script
+    answers each in that order.
 
     NOTE: a round trip through redis-py costs ~150 µs of this process's CPU, more than the rest
     of a prediction; its pool, retries and connection checks ~70 µs of that. The calls go on a
@@ -264,22 +322,28 @@ class _GatheredCalls:
     hundred bytes fit the socket's buffer.
     """
 
-    def __init__(self, client: aioredis.Redis, script: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        script: str,
+        arrange: Callable[[list[Call]], tuple[list[str], list[int]]],
+    ) -> None:
         self._client = client
         self._script = script
+        self._arrange = arrange
         self._sha = _script_sha(script)
         pool = client.connection_pool
         self._read_timeout = pool.connection_kwargs.get("socket_timeout")
         self._connection = pool.connection_class(
             **{**pool.connection_kwargs, "socket_timeout": None}
         )
-        self._waiting: list[tuple[str, tuple[int, int], asyncio.Future[Any]]] = []
+        self._waiting: list[tuple[Call, asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def call(self, key: str, numbers: tuple[int, int]) -> Any:
+    async def call(self, arguments: Call) -> Any:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append((key, numbers, answer))
+        self._waiting.append((arguments, answer))
         if self._sender is None or self._sender.done():
             self._sender = loop.create_task(self._send_waiting())
         return await answer
@@ -288,13 +352,10 @@ class _GatheredCalls:
         while self._waiting:
             group, self._waiting = self._waiting, []
             try:
-                results = await self._run(
-                    [key for key, _, _ in group],
-                    [number for _, numbers, _ in group for number in numbers],
-                )
+                results = await self._run(*self._arrange([arguments for arguments, _ in group]))
             except Exception as exc:
                 results = [exc] * len(group)
-            for (_, _, answer), result in zip(group, results, strict=True):
+            for (_, answer), result in zip(group, results, strict=True):
                 if answer.done():
                     continue
                 if isinstance(result, Exception):
@@ -326,6 +387,33 @@ class _GatheredCalls:
         await self._connection.disconnect()
 
 
+_Hit = tuple[str, int, int, QuotaAsk | None]
+"""A window script call: the window's hash, its limit and seconds, and what to reserve."""
+_Reservation = tuple[str, int, int]
+"""A quota script call: the month counter, the amount and the quota."""
+
+
+def _arrange_hits(hits: list[_Hit]) -> tuple[list[str], list[int]]:
+    """`_SLICED_WINDOW_LUA`'s keys and numbers for `hits`."""
+    keys = [window for window, _, _, _ in hits]
+    numbers = [len(hits), *(n for _, limit, seconds, _ in hits for n in (limit, seconds))]
+    for index, (_, _, _, quota) in enumerate(hits, start=1):
+        if quota is not None:
+            keys.append(_counter(quota.key))
+            numbers += (index, quota.amount, quota.quota)
+    return keys, numbers
+
+
+def _arrange_reservations(reservations: list[_Reservation]) -> tuple[list[str], list[int]]:
+    """`_QUOTA_LUA`'s keys and numbers for `reservations`."""
+    keys = [counter for counter, _, _ in reservations]
+    return keys, [number for _, amount, quota in reservations for number in (amount, quota)]
+
+
+def _counter(key: str) -> str:
+    return f"tenantserve:quota:{key}"
+
+
 class _RedisStore:
     """Shared windows and quotas in Redis: each a script call per gathered group of requests."""
 
@@ -333,18 +421,19 @@ class _RedisStore:
         self.client = aioredis.from_url(
             uri, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0
         )
-        self._windows = _GatheredCalls(self.client, _SLICED_WINDOW_LUA)
-        self._quotas = _GatheredCalls(self.client, _QUOTA_LUA)
+        self._windows = _GatheredCalls[_Hit](self.client, _SLICED_WINDOW_LUA, _arrange_hits)
+        self._quotas = _GatheredCalls[_Reservation](self.client, _QUOTA_LUA, _arrange_reservations)
         self._seeds: SingleFlight[str, None] = SingleFlight()
 
-    async def hit(self, key: str, item: RateLimitItem) -> WindowState:
+    async def hit(self, key: str, item: RateLimitItem, quota: QuotaAsk | None) -> Admission:
         window = item.get_expiry()
-        allowed, hits, reset = await self._windows.call(
-            f"tenantserve:rlh:{key}:{window}", (item.amount, window)
+        allowed, hits, reset, reserved = await self._windows.call(
+            (f"tenantserve:rlh:{key}:{window}", item.amount, window, quota)
         )
-        return WindowState.after(
+        state = WindowState.after(
             allowed=bool(allowed), limit=item.amount, hits=int(hits), reset_after=float(reset)
         )
+        return state, int(reserved) if reserved >= 0 else None
 
     async def close(self) -> None:
         await self._windows.close()
@@ -352,25 +441,25 @@ class _RedisStore:
         await self.client.aclose()
 
     async def consume(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> int | None:
-        redis_key = f"tenantserve:quota:{key}"
-        outcome = await self._quotas.call(redis_key, (amount, quota))
-        if outcome == -1:
+        redis_key = _counter(key)
+        outcome = await self._quotas.call((redis_key, amount, quota))
+        if outcome == _UNSEEDED:
 
             async def seed_counter() -> None:
                 # NX: another process may have seeded it meanwhile, and been counted since.
                 await self.client.set(redis_key, await seed(), nx=True, ex=_QUOTA_TTL_S)
 
             await self._seeds.run(redis_key, seed_counter)
-            outcome = await self._quotas.call(redis_key, (amount, quota))
+            outcome = await self._quotas.call((redis_key, amount, quota))
         return int(outcome) if outcome >= 0 else None
 
     async def refund(self, key: str, amount: int) -> None:
-        await self.client.decrby(f"tenantserve:quota:{key}", amount)
+        await self.client.decrby(_counter(key), amount)
 
     async def forget_quotas(self, keys: list[str]) -> None:
         """Unseed these counters: the next request counts them again from the database."""
         if keys:
-            await self.client.delete(*(f"tenantserve:quota:{key}" for key in keys))
+            await self.client.delete(*(_counter(key) for key in keys))
 
 
 class RateLimiter:
@@ -388,8 +477,14 @@ class RateLimiter:
         return "degraded" if self._outage_since is not None else "ok"
 
     async def hit(self, key: str, limit: str) -> WindowState:
+        state, _ = await self.admit(key, limit)
+        return state
+
+    async def admit(self, key: str, limit: str, quota: QuotaAsk | None = None) -> Admission:
+        """A hit of `key`'s window and, if the window allows it, the reservation `quota` asks
+        for, in the same round trip."""
         item = parse_limit(limit)
-        return await self._call(lambda store: store.hit(key, item))
+        return await self._call(lambda store: store.hit(key, item, quota))
 
     async def consume_quota(self, key: str, amount: int, quota: int, seed: QuotaSeed) -> int | None:
         """The month's count with `amount` added, or None (and nothing added) if over `quota`."""

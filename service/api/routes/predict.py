@@ -106,7 +106,7 @@ def build_router(settings: Settings) -> APIRouter:
         summary="Predict the species of one iris",
     )
     async def predict(request: Request) -> Response:
-        resources, customer = await predict_caller(request)
+        resources, customer = await predict_caller(request, reserve=1)  # one row, if valid
         body = await _body(request)
         rows = single_rows(body)
         await idempotency.begin(request, resources, f"key:{customer.key_id}", body)
