@@ -15,7 +15,6 @@ import asyncio
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from functools import partial
 from typing import Annotated
 
 import structlog
@@ -91,12 +90,17 @@ async def _verified_key(resources: Resources, token: str) -> tuple[KeyRecord, Cu
         if not keys.was_issued(token, pepper):
             raise InvalidCredentials(headers=_KEY_CHALLENGE)
         generation = resources.keys.generation
-        lookup = partial(asyncio.to_thread, _load_record, resources.engine, key_id)
+
+        async def lookup() -> tuple[KeyRecord | None, Customer | None]:
+            # Cached within the lookup: a request that finds the key missing once this lookup
+            # is over (before its waiters resume) finds it cached, not a reason for another.
+            record = await asyncio.to_thread(_load_record, resources.engine, key_id)
+            return record, resources.keys.put(key_id, record, generation=generation)
+
         try:
-            record = await resources.keys.lookups.run((key_id, generation), lookup)
+            record, customer = await resources.keys.lookups.run((key_id, generation), lookup)
         except SQLAlchemyError:
             raise NotReady(_DATABASE_DOWN) from None
-        customer = resources.keys.put(key_id, record, generation=generation)
     if record is None or customer is None or not keys.matches(token, record.key_hash, pepper):
         raise InvalidCredentials(headers=_KEY_CHALLENGE)
     now = time.time()

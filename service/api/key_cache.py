@@ -36,9 +36,12 @@ class KeyCache:
         self._generation = 0
         self._max_entries = max_entries
         self.legacy_ids = legacy_ids
-        self.lookups: SingleFlight[tuple[str, int], KeyRecord | None] = SingleFlight()
-        """Database lookups of missing keys, by key id and generation: one at a time for each.
-        A lookup begun before a clear is not shared with requests that arrive after it."""
+        self.lookups: SingleFlight[tuple[str, int], tuple[KeyRecord | None, Customer | None]] = (
+            SingleFlight()
+        )
+        """Database lookups of missing keys, by key id and generation: one at a time for each,
+        each answering what it `put`. A lookup begun before a clear is not shared with requests
+        that arrive after it."""
 
     @property
     def generation(self) -> int:
