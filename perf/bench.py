@@ -210,7 +210,7 @@ def _tenantserve(
             server.url, username=admin[0], password=admin[1], tenant="bench",
             keys=args.keys, rate_limit="1000000000/minute", max_batch_size=1000,
         )  # fmt: skip
-        # A tenant with a monthly quota, as most customers have (a second limiter call each).
+        # A tenant with a monthly quota, as most customers have (held with the rate limit).
         quota_tenant_id, quota_keys = provision.provision(
             server.url, username=admin[0], password=admin[1], tenant="bench-quota",
             keys=args.keys, rate_limit="1000000000/minute", monthly_quota=2**31 - 1,
