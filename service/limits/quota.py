@@ -48,16 +48,19 @@ class QuotaReservation:
 
 
 HOLD_MARGIN = 1024
+"""With the server's batch cap, what must be left of a quota for a request to hold some."""
 
 
 def quota_ask(customer: Customer, amount: int, *, max_batch_size: int) -> QuotaAsk | None:
     """What holding `amount` predictions of this month asks of the limiter: granted only while
     more than the margin is left (None: the tenant has no quota, or one too small for it)."""
-    quota = customer.monthly_quota
-    if quota is None or quota - HOLD_MARGIN - max_batch_size < amount:
+    if customer.monthly_quota is None:
+        return None
+    holdable = customer.monthly_quota - HOLD_MARGIN - max_batch_size
+    if holdable < amount:
         return None
     month = current_month(time.time())
-    return QuotaAsk(_counter_key(customer, month), amount, quota - HOLD_MARGIN - max_batch_size)
+    return QuotaAsk(_counter_key(customer, month), amount, holdable)
 
 
 def _counter_key(customer: Customer, month: Month) -> str:

@@ -57,8 +57,9 @@ class Month:
     """`2026-12`: its quota counters are named by it."""
     start: datetime
     starts_at: float
+    """`start` in POSIX seconds."""
     ends_at: float
-    """The next month's start; both in POSIX seconds."""
+    """The next month's start, in POSIX seconds."""
 
     @classmethod
     def of(cls, now: datetime) -> Month:
