@@ -8,12 +8,16 @@ any model work, and consumes nothing.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service.config import Settings
@@ -26,8 +30,12 @@ from tests.conftest import (
     admin_token,
     create_tenant,
     issue_key,
+    live_server,
     new_customer,
+    server_env,
+    wait_for,
 )
+from tests.test_http_protocol import _request, _Wire
 from tests.test_rate_limits import (
     PROBLEM,
     CuttableProxy,
@@ -183,6 +191,46 @@ def test_requests_that_serve_no_prediction_leave_the_quota_whole(client: TestCli
     assert predict_batch(client, customer.headers, HOLDING + 37 - 2000).status_code == 200
     assert_quota_exceeded(client.post("/v1/predict", json=FEATURES, headers=customer.headers))
     assert quota_once_recorded(client, customer.headers, HOLDING + 40)["remaining"] == 0
+
+
+def test_a_hold_that_cannot_be_given_back_still_gets_its_answer(
+    model_dir: Path,
+    tmp_path: Path,
+    shared_redis: str,
+    redis_proxy: tuple[CuttableProxy, str],  # noqa: F811
+) -> None:
+    """Redis goes away while a request holds its quota, with strict limits on: the invalid body
+    still gets its 422 (the hold cannot go back, a loss of one prediction for the tenant), not
+    a dropped connection or an unhandled error."""
+    proxy, through_proxy = redis_proxy
+    env = server_env(
+        f"sqlite:///{tmp_path / 'tenantserve.db'}", model_dir,
+        rate_limit_storage_uri=through_proxy, rate_limit_strict="true",
+    )  # fmt: skip
+    with live_server(env, tmp_path / "server.log") as server:
+        with server.client() as client:
+            tenant = create_tenant(client, admin_token(client), monthly_quota=HOLDING + 10)
+            headers = new_customer(client, tenant=tenant).headers
+            assert client.post("/v1/predict", json=FEATURES, headers=headers).status_code == 200
+        counter = f"tenantserve:quota:{tenant['id']}:{current_month(time.time()).label}"
+        store = redis.Redis.from_url(shared_redis)
+        body = json.dumps({**FEATURES, "sepal_width": 0}).encode()
+        wire = _Wire(server)
+        try:
+            # The head alone: the request is admitted (and holds its prediction), then waits
+            # for its body.
+            head = _request("POST", "/v1/predict", headers=headers, body=body)[: -len(body)]
+            wire.send(head)
+            wait_for(lambda: store.get(counter) == b"2", within=10)
+            proxy.cut()
+            wire.send(body)
+            status, answer = wire.response()
+        finally:
+            wire.close()
+            store.close()
+        assert status == 422, answer
+        assert json.loads(answer)["code"] == "validation_error"
+        assert "unhandled_error" not in server.output()
 
 
 # A live server: two workers sharing the quota through Redis (PostgreSQL)

@@ -491,7 +491,10 @@ class RateLimiter:
         return await self._call(lambda store: store.consume(key, amount, quota, seed))
 
     async def refund_quota(self, key: str, amount: int) -> None:
-        await self._call(lambda store: store.refund(key, amount))
+        """Give back a reservation. Never refused: a refund strict mode cannot take to Redis is
+        lost (the month counts `amount` more) rather than failing an answer already decided."""
+        with contextlib.suppress(Overloaded):
+            await self._call(lambda store: store.refund(key, amount))
 
     async def _call(self, operation: Callable[[_LocalStore | _RedisStore], Awaitable[T]]) -> T:
         shared = self._shared
