@@ -166,7 +166,7 @@ HOLDING = HOLD_MARGIN + 1000  # the margin, and the servers' batch cap (their de
 
 def test_requests_that_serve_no_prediction_leave_the_quota_whole(client: TestClient) -> None:
     """A single prediction's quota is held from its rate limit on, before its body is read:
-    whatever then ends without a prediction gives it back, and says nothing of the quota."""
+    whatever then ends without a prediction gives it back, and says what was left before it."""
     token = admin_token(client)
     tenant = create_tenant(client, token, monthly_quota=HOLDING + 40)
     customer = new_customer(client, token, tenant=tenant)
@@ -182,7 +182,8 @@ def test_requests_that_serve_no_prediction_leave_the_quota_whole(client: TestCli
         client.post("/v1/predict", json=FEATURES, headers={"X-API-Key": usage_only["key"]}),
     ]
     assert [r.status_code for r in unserved] == [422, 422, 200, 403]
-    assert [quota_left(r) for r in unserved] == [None] * 4
+    assert [quota_left(r) for r in unserved] == [HOLDING + 38] * 4
+    assert quota_left(client.get("/v1/usage", headers=customer.headers)) == HOLDING + 38
     third = client.post("/v1/predict", json=FEATURES, headers=customer.headers)
     assert third.status_code == 200 and quota_left(third) == HOLDING + 37
     # Near the end, where every request is decided after its validation: exact to the last.

@@ -43,6 +43,9 @@ class RequestContext:
     quota: QuotaReservation | None = None
     """What this request reserved of the tenant's monthly quota (a single prediction's from its
     admission on): given back if it serves no prediction, or its answer cannot be sent."""
+    quota_seen: int | None = None
+    """The month's count at admission, before any reservation of this request's (None: the
+    tenant has no quota, or its counter is not seeded yet)."""
     model_version: str | None = None
     features: list[list[float]] | None = None
     """Only kept when `TENANTSERVE_LOG_FEATURES` is on."""
@@ -52,8 +55,14 @@ class RequestContext:
 
     @property
     def quota_remaining(self) -> int | None:
-        """The tenant's monthly quota left, when this request reserved some (for the headers)."""
-        return self.quota.remaining if self.quota is not None else None
+        """The tenant's monthly quota left, for the headers: after this request's reservation if
+        it holds one, else as its admission saw it."""
+        if self.quota is not None and self.quota.remaining is not None:
+            return self.quota.remaining
+        if self.quota_seen is None or self.customer is None:
+            return None
+        quota = self.customer.monthly_quota
+        return None if quota is None else max(0, quota - self.quota_seen)
 
     def attach(self, scope: Scope) -> None:
         scope[_SCOPE_KEY] = self

@@ -115,13 +115,17 @@ async def _enforce_rate_limit(
     request: Request, resources: Resources, customer: Customer, reserve: int
 ) -> None:
     """The key's moving window, and `reserve` predictions of the month's quota if the window
-    allows: one storage round trip; headers on every later response."""
+    allows (or, with a quota, its count): one storage round trip; headers on every later
+    response."""
     ask = None
-    if reserve and customer.monthly_quota is not None:
+    if customer.monthly_quota is not None:
         ask = quota_ask(customer, reserve, max_batch_size=resources.settings.max_batch_size)
-    window, used = await resources.limiter.admit(customer.rate_limit_key, customer.rate_limit, ask)
+    window, used, seen = await resources.limiter.admit(
+        customer.rate_limit_key, customer.rate_limit, ask
+    )
     context = context_of(request)
     context.rate_window = window
+    context.quota_seen = seen
     if used is not None:
         context.quota = held_reservation(resources, customer, ask, used)
     if not window.allowed:

@@ -2,10 +2,10 @@
 
 `RateLimit-Policy: "key";q=600;w=60, "quota";q=100000` says what the limits are;
 `RateLimit: "key";r=599;t=59, "quota";r=99990;t=1234567` says where the caller stands. The
-`"quota"` policy is listed whenever the tenant has a monthly quota; its `RateLimit` item only
-when this request reserved quota (a prediction), because only then is the remaining count
-known without another round trip. Requests refused before that step (401 aside: no tenant is
-known) carry the key item alone in `RateLimit`.
+`"quota"` policy is listed whenever the tenant has a monthly quota, and so is its `RateLimit`
+item once the month's counter exists: what is left after this request's reservation if it
+holds one, else what its rate limit's script call read (no round trip of its own). 401s carry
+neither: no tenant is known.
 """
 
 from __future__ import annotations

@@ -52,15 +52,17 @@ HOLD_MARGIN = 1024
 
 
 def quota_ask(customer: Customer, amount: int, *, max_batch_size: int) -> QuotaAsk | None:
-    """What holding `amount` predictions of this month asks of the limiter: granted only while
-    more than the margin is left (None: the tenant has no quota, or one too small for it)."""
-    if customer.monthly_quota is None:
+    """What a request asks of the month's counter with its rate limit (None: the tenant has no
+    quota): to hold `amount` predictions, granted only while more than the margin is left, or
+    (`amount` 0, or a quota too small for the margin) only the count, for the headers."""
+    quota = customer.monthly_quota
+    if quota is None:
         return None
-    holdable = customer.monthly_quota - HOLD_MARGIN - max_batch_size
-    if holdable < amount:
-        return None
-    month = current_month(time.time())
-    return QuotaAsk(_counter_key(customer, month), amount, holdable)
+    key = _counter_key(customer, current_month(time.time()))
+    holdable = quota - HOLD_MARGIN - max_batch_size
+    if amount and holdable >= amount:
+        return QuotaAsk(key, amount, holdable)
+    return QuotaAsk(key, 0, quota)
 
 
 def _counter_key(customer: Customer, month: Month) -> str:

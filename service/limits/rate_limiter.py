@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import hiredis
 import structlog
@@ -40,20 +40,24 @@ _MAX_LOCAL_WINDOWS = 100_000
 T = TypeVar("T")
 Call = TypeVar("Call")
 
-# Month counters in a script: `reserve` adds `amount` to a counter unless that would pass
-# `quota`, answering -1 (unseeded: nothing added), -2 (over: nothing added) or the count after
-# adding (the remaining quota for the response headers, without a round trip). A counter is read
-# once a call and added to once, by what its requests took together (`write_counters`).
+# Month counters in a script: `peek` answers a counter's count (-1: unseeded); `reserve` adds
+# `amount` to it unless that would pass `quota`, answering -1 (unseeded: nothing added), -2
+# (over: nothing added) or the count after adding (the remaining quota for the response headers,
+# without a round trip). A counter is read once a call and added to once, by what its requests
+# took together (`write_counters`).
 _COUNTERS_LUA = """
 local used, first, counters = {}, {}, {}
-local function reserve(counter, amount, quota)
+local function peek(counter)
   if used[counter] == nil then
     used[counter] = tonumber(redis.call('GET', counter)) or false
     first[counter] = used[counter]
     counters[#counters + 1] = counter
   end
-  local count = used[counter]
-  if not count then
+  return used[counter] or -1
+end
+local function reserve(counter, amount, quota)
+  local count = peek(counter)
+  if count < 0 then
     return -1
   end
   if count + amount > quota then
@@ -72,17 +76,18 @@ end
 """
 
 # KEYS: one window hash per hit, in arrival order (a key may repeat: its hits apply in order),
-# then a month counter for each hit that reserves from one. ARGV[1]: the number of hits; then
-# each hit's limit and window in seconds; then for each counter the hit reserving (1-based), the
-# amount and the quota. Returns one {allowed, hits in the window, seconds until the oldest of
-# them leaves it, reserved} per hit. Each hash is `_LocalWindow` in Redis:
+# then a month counter for each hit of a tenant with a quota. ARGV[1]: the number of hits; then
+# each hit's limit and window in seconds; then for each counter its hit (1-based), the amount to
+# reserve (0: none) and the quota. Returns one {allowed, hits in the window, seconds until the
+# oldest of them leaves it, reserved, seen} per hit. Each hash is `_LocalWindow` in Redis:
 # field = slice index (1/200 of the window), value = hits in it; field `n` = their sum, `o` =
 # the oldest slice that may hold hits. A slice counts until all of it has left the window, so
 # counts err high, never low, and a hash never holds more than 201 slices whatever the limit.
 # Dropping old slices walks each index once: O(1) amortised per hit.
 # A hit the window allows also reserves from its counter (`reserved`: what `reserve` answers,
 # or -3 when nothing was asked or the window said no): a quota'd prediction's limit and quota
-# in one round trip.
+# in one round trip. `seen` is the counter's count before that (-1: unseeded or no counter):
+# every response of a quota'd tenant says what is left, without a round trip of its own.
 # NOTE: a hash is read once a call and written once, however many of the call's hits are its
 # own (a busy key has many): a command costs Redis ~1 µs, and one a hit was ~12 µs of its CPU.
 _SLICED_WINDOW_LUA = (
@@ -136,13 +141,17 @@ for i = 1, n do
   if w.hits > 0 then
     reset = math.min(w.window, math.max(0, (w.oldest + 1) * w.slice + w.window - now))
   end
-  local reserved = -3
+  local reserved, seen = -3, -1
   local j = asks[i]
-  if j and allowed == 1 then
+  if j then
     local at = 2 * n + 3 * j
-    reserved = reserve(KEYS[n + j], tonumber(ARGV[at]), tonumber(ARGV[at + 1]))
+    local amount = tonumber(ARGV[at])
+    seen = peek(KEYS[n + j])
+    if allowed == 1 and amount > 0 then
+      reserved = reserve(KEYS[n + j], amount, tonumber(ARGV[at + 1]))
+    end
   end
-  results[i] = {allowed, w.hits, string.format('%.6f', reset), reserved}
+  results[i] = {allowed, w.hits, string.format('%.6f', reset), reserved, seen}
 end
 for _, key in ipairs(order) do
   local w = windows[key]
@@ -203,17 +212,24 @@ QuotaSeed = Callable[[], Awaitable[int]]
 
 @dataclass(frozen=True, slots=True)
 class QuotaAsk:
-    """`amount` predictions of the month counter `key`, unless its count would pass `quota`."""
+    """`amount` predictions (0: none, only its count) of the month counter `key`, unless its
+    count would pass `quota`."""
 
     key: str
     amount: int
     quota: int
 
 
-Admission = tuple[WindowState, int | None]
-"""A window hit's state, and the month's count after the reservation asked with it (None:
-nothing reserved, because nothing was asked, the window said no, the counter is unseeded or
-the quota would be passed; `consume_quota` then settles it)."""
+class Admission(NamedTuple):
+    """A window hit's outcome, and what the month counter asked with it said."""
+
+    window: WindowState
+    reserved: int | None
+    """The count after the reservation asked (None: nothing reserved, because nothing was
+    asked, the window said no, the counter is unseeded or the quota would be passed;
+    `consume_quota` then settles it)."""
+    seen: int | None
+    """The count before it (None: no counter asked, or one not seeded yet)."""
 
 
 class _LocalWindow:
@@ -268,9 +284,10 @@ class _LocalStore:
                 self._forget_idle(now)
             state = self._windows[(key, window)] = _LocalWindow(window)
         answer = state.hit(item.amount, window, now)
-        if quota is None or not answer.allowed or quota.key not in self._quota_used:
-            return answer, None
-        return answer, self._reserve(quota.key, quota.amount, quota.quota)
+        seen = None if quota is None else self._quota_used.get(quota.key)
+        if quota is None or not quota.amount or not answer.allowed or seen is None:
+            return Admission(answer, None, seen)
+        return Admission(answer, self._reserve(quota.key, quota.amount, quota.quota), seen)
 
     def _forget_idle(self, now: float) -> None:
         for (key, window), state in list(self._windows.items()):
@@ -427,13 +444,15 @@ class _RedisStore:
 
     async def hit(self, key: str, item: RateLimitItem, quota: QuotaAsk | None) -> Admission:
         window = item.get_expiry()
-        allowed, hits, reset, reserved = await self._windows.call(
+        allowed, hits, reset, reserved, seen = await self._windows.call(
             (f"tenantserve:rlh:{key}:{window}", item.amount, window, quota)
         )
         state = WindowState.after(
             allowed=bool(allowed), limit=item.amount, hits=int(hits), reset_after=float(reset)
         )
-        return state, int(reserved) if reserved >= 0 else None
+        return Admission(
+            state, int(reserved) if reserved >= 0 else None, int(seen) if seen >= 0 else None
+        )
 
     async def close(self) -> None:
         await self._windows.close()
@@ -477,8 +496,7 @@ class RateLimiter:
         return "degraded" if self._outage_since is not None else "ok"
 
     async def hit(self, key: str, limit: str) -> WindowState:
-        state, _ = await self.admit(key, limit)
-        return state
+        return (await self.admit(key, limit)).window
 
     async def admit(self, key: str, limit: str, quota: QuotaAsk | None = None) -> Admission:
         """A hit of `key`'s window and, if the window allows it, the reservation `quota` asks
