@@ -117,9 +117,7 @@ async def _enforce_rate_limit(
     """The key's moving window, and `reserve` predictions of the month's quota if the window
     allows (or, with a quota, its count): one storage round trip; headers on every later
     response."""
-    ask = None
-    if customer.monthly_quota is not None:
-        ask = quota_ask(customer, reserve, max_batch_size=resources.settings.max_batch_size)
+    ask = quota_ask(customer, reserve, max_batch_size=resources.settings.max_batch_size)
     window, used, seen = await resources.limiter.admit(
         customer.rate_limit_key, customer.rate_limit, ask
     )

@@ -170,8 +170,7 @@ class RequestMiddleware:
         """The request's usage record (if metered), durable before the caller's answer. A quota
         reservation the request holds without a prediction served (an invalid body, a 403, a
         replay) goes back first: the answer's headers and the month count only what was."""
-        if context.quota is not None and not context.items:
-            await context.quota.release()
+        await self._return_unserved_quota(context)
         entry = self._entry(scope, context, response, started)
         if entry is None:
             return
@@ -191,12 +190,16 @@ class RequestMiddleware:
         refused it, so a crash before the next flush would lose it. The refused record was
         never queued, and the predictions it reserved go back to the quota."""
         context.items = 0  # whatever the model computed never reached the caller
-        if context.quota is not None:
-            await context.quota.release()
+        await self._return_unserved_quota(context)
         entry = self._entry(scope, context, response, started)
         if entry is not None:
             resources: Resources = scope["app"].state.resources
             resources.usage.add_unjournaled(entry)
+
+    @staticmethod
+    async def _return_unserved_quota(context: RequestContext) -> None:
+        if context.quota is not None and not context.items:
+            await context.quota.release()
 
     @staticmethod
     async def _send_problem(send: Send, error: AppError | None, request_id: str) -> None:
