@@ -157,6 +157,9 @@ class CuttableProxy:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
+        self._client_ports: set[int] = set()
+        self.relayed = 0
+        """Bytes passed on from the target to the proxy's clients so far."""
         self.restore()
 
     def restore(self) -> None:
@@ -169,6 +172,7 @@ class CuttableProxy:
         with self._lock:
             listener, self._listener = self._listener, None
             dropped, self._open = self._open, set()
+            self._client_ports = set()
         if listener is not None:
             _close(listener)
         for sock in dropped:
@@ -177,7 +181,7 @@ class CuttableProxy:
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                downstream, _ = listener.accept()
+                downstream, (_, client_port) = listener.accept()
             except OSError:
                 return  # cut
             try:
@@ -192,14 +196,38 @@ class CuttableProxy:
                     _close(upstream)
                     return
                 self._open |= {downstream, upstream}
-            for source, sink in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+                self._client_ports.add(client_port)
+            threading.Thread(target=_pump, args=(downstream, upstream), daemon=True).start()
+            threading.Thread(target=self._reply, args=(upstream, downstream), daemon=True).start()
+
+    def _reply(self, upstream: socket.socket, downstream: socket.socket) -> None:
+        _pump(upstream, downstream, self._count_relayed)
+
+    def _count_relayed(self, size: int) -> None:
+        with self._lock:
+            self.relayed += size
+
+    def all_read(self) -> bool:
+        """Whether the clients have read everything relayed to them: their sockets' receive
+        queues (Linux's /proc/net/tcp) are empty, so a cut can no longer take a reply away."""
+        with self._lock:
+            ports = set(self._client_ports)
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, queues = (fields[i].split(":")[1] for i in (1, 2, 4))
+            ours = int(local, 16) in ports and int(remote, 16) == self.port
+            if ours and int(queues, 16):
+                return False
+        return True
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _pump(
+    source: socket.socket, sink: socket.socket, passed: Callable[[int], None] = lambda _: None
+) -> None:
     try:
         while data := source.recv(65536):
             sink.sendall(data)
+            passed(len(data))
     except OSError:
         pass
     finally:
