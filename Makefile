@@ -55,7 +55,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
-	$(BIN)/mypy service auth tenants perf
+	$(BIN)/mypy service auth tenants perf tests
 
 dockerlint: $(STAMP)
 	$(BIN)/hadolint --failure-threshold warning Dockerfile

@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import http_sfv
 import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from http_sfv.list import List as StructuredList
 from sqlalchemy import event, text
 
 from auth import keys
@@ -255,7 +255,7 @@ def test_a_trusted_proxys_forwarded_address_is_the_one_throttled(
 
 
 def _items(field: str) -> dict[str, dict[str, Any]]:
-    parsed = http_sfv.List()
+    parsed = StructuredList()
     parsed.parse(field.encode())
     return {str(item.value): dict(item.params) for item in parsed}
 

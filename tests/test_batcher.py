@@ -167,7 +167,7 @@ def test_a_request_that_goes_away_does_not_disturb_the_others(
         tasks = [asyncio.create_task(request(rows)) for rows in parts]
         await asyncio.sleep(0)  # every request is queued; the batch has not run yet
         tasks[2].cancel()
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
 
     try:
         outcomes = asyncio.run(scenario())

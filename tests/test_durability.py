@@ -32,9 +32,10 @@ from tests.conftest import (
     create_tenant,
     live_server,
     new_customer,
+    server_env,
     stored_rows,
 )
-from tests.test_rate_limits import CuttableProxy, app_client, poll, server_env
+from tests.test_rate_limits import CuttableProxy, app_client, poll
 from tests.test_usage import (
     LoadResult,
     all_records,

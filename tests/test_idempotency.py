@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
-from tests.conftest import FEATURES, admin_token, bearer, live_server, new_customer
-from tests.test_rate_limits import app_client, poll, server_env
+from tests.conftest import FEATURES, admin_token, bearer, live_server, new_customer, server_env
+from tests.test_rate_limits import app_client, poll
 from tests.test_usage import all_records
 
 OTHER = {**FEATURES, "petal_length": 4.5, "petal_width": 1.5}

@@ -336,7 +336,7 @@ def test_requests_arriving_together_with_an_uncached_key_look_it_up_once(
     """A worker's first requests with a key, or its first after the key's record expired or
     was cleared, ask the database for it once between them, not once each."""
     customer = new_customer(client)
-    engine = client.app.state.resources.engine
+    engine = client.app.state.resources.engine  # type: ignore[attr-defined]
     lookups: list[str] = []
 
     def count(_connection: object, _cursor: object, statement: str, *_rest: object) -> None:

@@ -69,7 +69,7 @@ def test_a_database_at_an_older_revision_is_upgraded_as_the_service_starts(
         command.upgrade(config, "0002")  # a database the previous release left
     assert not schema_is_current(engine)
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         database_url=empty_database,
         model_dir=model_dir,
         usage_journal_dir=tmp_path / "journal",

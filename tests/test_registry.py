@@ -23,12 +23,13 @@ from sklearn.datasets import load_iris
 from service.config import Settings
 from service.main import create_app
 from service.serving.admission import TOLERANCE, probe_rows
-from service.serving.registry import ModelError, read_manifest
+from service.serving.registry import Algorithm, ModelError, read_manifest
 from service.serving.runtime import load_model
 from service.serving.training import fit, train
 from tests.conftest import FEATURES, bearer, free_port, new_customer
 
-ALGORITHMS = {"logreg": "v2-logreg", "forest": "v1-forest"}  # algorithm → default version
+# Each algorithm's default version.
+ALGORITHMS: dict[Algorithm, str] = {"logreg": "v2-logreg", "forest": "v1-forest"}
 TAMPERED = "v1-forest"
 # One textbook sample per species (Fisher's iris data), in the contract's class order.
 KNOWN_SAMPLES = np.array([[5.1, 3.5, 1.4, 0.2], [6.4, 3.2, 4.5, 1.5], [6.7, 3.0, 5.2, 2.3]])
@@ -98,7 +99,7 @@ def copy_registry(model_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def cli_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[Algorithm, Any]]:
     """A registry filled by `tenantserve models train`, one version per algorithm."""
     directory = tmp_path_factory.mktemp("cli-registry")
     env = {"TENANTSERVE_MODEL_DIR": str(directory / "models")}
@@ -121,7 +122,7 @@ def cli_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_train_writes_an_onnx_graph_and_a_complete_manifest(
-    cli_registry: tuple[Path, dict[str, Any]], algorithm: str
+    cli_registry: tuple[Path, dict[Algorithm, Any]], algorithm: Algorithm
 ) -> None:
     registry, printed = cli_registry
     version = f"t-{algorithm}"
@@ -159,7 +160,7 @@ def test_train_writes_an_onnx_graph_and_a_complete_manifest(
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_training_is_deterministic(
-    cli_registry: tuple[Path, dict[str, Any]], model_dir: Path, algorithm: str
+    cli_registry: tuple[Path, dict[Algorithm, Any]], model_dir: Path, algorithm: Algorithm
 ) -> None:
     """The CLI's version and the default one, trained in other processes, are the same bytes."""
     registry, _ = cli_registry
@@ -170,7 +171,7 @@ def test_training_is_deterministic(
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_served_answers_agree_with_scikit_learn(model_dir: Path, algorithm: str) -> None:
+def test_served_answers_agree_with_scikit_learn(model_dir: Path, algorithm: Algorithm) -> None:
     """The ONNX graph as served, against scikit-learn's own model, across the valid inputs."""
     served = load_model(model_dir, ALGORITHMS[algorithm])
     estimator, _ = fit(algorithm)
@@ -184,7 +185,7 @@ def test_served_answers_agree_with_scikit_learn(model_dir: Path, algorithm: str)
     assert proba[-3:].argmax(axis=1).tolist() == [0, 1, 2], "setosa, versicolor, virginica"
 
 
-def test_train_refuses_an_existing_version(cli_registry: tuple[Path, dict[str, Any]]) -> None:
+def test_train_refuses_an_existing_version(cli_registry: tuple[Path, dict[Algorithm, Any]]) -> None:
     registry, printed = cli_registry
     with pytest.raises(ModelError, match="already exists"):
         train(registry, "t-logreg", "forest")

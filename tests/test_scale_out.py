@@ -34,11 +34,11 @@ from tests.conftest import (
     free_port,
     live_server,
     new_customer,
+    server_env,
     wait_for,
 )
 from tests.test_change_feed import refused_everywhere_within_a_second, revoke
 from tests.test_deploy import HAPROXY_CFG, haproxy
-from tests.test_rate_limits import server_env
 from tests.test_usage import LoadResult, all_records, assert_recorded_once
 
 __all__ = ["haproxy"]  # a fixture, used by name

@@ -90,7 +90,7 @@ def test_production_refuses_to_start_with_unsafe_secrets(
 
 
 def production(**secrets: str) -> Settings:
-    return Settings(_env_file=None, env="production", **secrets)  # type: ignore[call-arg,arg-type]
+    return Settings(_env_file=None, env="production", **secrets)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -114,21 +114,21 @@ def test_production_reads_its_secrets_from_the_environment(
     monkeypatch.setenv("TENANTSERVE_ENV", "production")
     monkeypatch.setenv(JWT, GOOD_JWT)
     monkeypatch.setenv(PEPPER, GOOD_PEPPER)
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert settings.api_key_pepper.get_secret_value() == GOOD_PEPPER
     monkeypatch.setenv(PEPPER, "too-short")
     with pytest.raises(ValidationError, match=PEPPER):
-        Settings(_env_file=None)  # type: ignore[call-arg]
+        Settings(_env_file=None)
 
 
 def test_development_starts_with_the_built_in_secrets() -> None:
-    assert Settings(_env_file=None, env="development").env == "development"  # type: ignore[call-arg]
+    assert Settings(_env_file=None, env="development").env == "development"
 
 
 def test_no_environment_but_production_and_development_exists() -> None:
     # An environment that is neither would be one that skips the production secret checks.
     with pytest.raises(ValidationError, match="env"):
-        Settings(_env_file=None, env="test")  # type: ignore[call-arg]
+        Settings(_env_file=None, env="test")
 
 
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -153,8 +153,8 @@ def test_env_example_shows_the_real_defaults(
     """Reading the example as a `.env` changes nothing: every value it sets is the default."""
     for name in Settings.model_fields:
         monkeypatch.delenv(f"TENANTSERVE_{name.upper()}", raising=False)
-    from_example = Settings(_env_file=env_example)  # type: ignore[call-arg]
-    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    from_example = Settings(_env_file=env_example)
+    defaults = Settings(_env_file=None)
     differing = {
         name
         for name in Settings.model_fields

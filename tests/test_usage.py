@@ -37,8 +37,9 @@ from tests.conftest import (
     live_server,
     new_customer,
     new_staff,
+    server_env,
 )
-from tests.test_rate_limits import CuttableProxy, app_client, poll, server_env
+from tests.test_rate_limits import CuttableProxy, app_client, poll
 
 Client = httpx.Client | TestClient
 Record = dict[str, Any]

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from tenants.database import make_engine
 from tenants.tables import UsageRecord
@@ -42,7 +42,7 @@ def _stored(database_url: str) -> list[UsageEntry]:
     engine = make_engine(database_url)
     try:
         with Session(engine) as session:
-            rows = session.exec(select(UsageRecord).order_by(UsageRecord.at)).all()
+            rows = session.exec(select(UsageRecord).order_by(col(UsageRecord.at))).all()
             return [UsageEntry.from_row(row) for row in rows]
     finally:
         engine.dispose()

@@ -81,7 +81,7 @@ def assert_predicted(response: Any, rows: int | None = None) -> None:
 def api(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     directory = tmp_path_factory.mktemp("validation")
     app = create_app(
-        Settings(  # type: ignore[call-arg]
+        Settings(
             _env_file=None,
             env="development",
             database_url=f"sqlite:///{directory / 'tenantserve.db'}",

@@ -32,7 +32,7 @@ def test_connections_opened_together_are_shared_by_both_workers(two_workers: Liv
     marker = f"spread-{uuid4().hex[:8]}"
     address = urlsplit(two_workers.url)
     connections = [
-        HTTPConnection(address.hostname, address.port, timeout=10) for _ in range(CONNECTIONS)
+        HTTPConnection(str(address.hostname), address.port, timeout=10) for _ in range(CONNECTIONS)
     ]
     for connection in connections:  # all open before the first request, as a load test's are
         connection.connect()
