@@ -7,10 +7,13 @@ Each request names the model version that must compute it (its tenant's); a batc
 waiting requests of one version only, so a batch never mixes versions and every answer names
 the version that really computed it.
 
-NOTE: a small call runs inline, on the event loop. Handing it to the model thread costs ~140 µs
-of CPU (a wake-up and a callback each way), where ONNX Runtime computes a few rows in 10-40 µs
-(perf/README.md, "Model runtime"). A larger call goes to the thread, which ONNX Runtime lets run
-without the GIL while the loop serves other requests.
+NOTE: a small call runs inline, on the event loop. Handing it to the model thread costs ~130 µs
+of CPU (a wake-up and a callback each way), more than ONNX Runtime takes for 64 rows of either
+model we train (~14 µs the logistic regression, ~66 µs the forest; `perf.model_figures`). A
+larger call goes to the thread, which ONNX Runtime lets run without the GIL while the loop
+serves other requests. With 64 connections over two workers, every micro-batch of single
+predictions fits and stays on the loop: 5% less CPU a request than a limit of 16 rows
+(perf/README.md, "Session 12").
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from service.serving.runtime import LoadedModel
 from tenants.background import background_threads
 
-INLINE_MAX_ROWS = 16
+INLINE_MAX_ROWS = 64
 """Calls of at most this many rows run on the event loop; larger ones in the model thread."""
 
 
