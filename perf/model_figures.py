@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import math
 import secrets
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import numpy as np
 import uvloop
 
 from perf import provision, servers
-from service.serving.batcher import INLINE_MAX_ROWS, MicroBatcher
+from service.serving.batcher import INLINE_BUDGET_S, INLINE_MAX_ROWS, MicroBatcher
 from service.serving.runtime import LoadedModel, load_model
 
 VERSIONS = ("v1-forest", "v2-logreg")
@@ -40,11 +41,14 @@ def _best_us(action: Callable[[], object], number: int) -> float:
     return min(timeit.repeat(action, number=number, repeat=REPEATS)) / number * 1e6
 
 
-def _through_batcher_us(model: LoadedModel, rows: np.ndarray, *, inline: int, users: int) -> float:
+def _through_batcher_us(model: LoadedModel, rows: np.ndarray, *, inline: bool, users: int) -> float:
     """Wall time per prediction: `users` callers each awaiting 300 predictions in turn."""
 
     async def run() -> float:
-        batcher = MicroBatcher(enabled=True, max_rows=2048, max_wait_us=0, inline_max_rows=inline)
+        batcher = MicroBatcher(
+            enabled=True, max_rows=2048, max_wait_us=0,
+            inline_max_rows=10**9 if inline else 0, inline_budget_s=math.inf if inline else 0,
+        )  # fmt: skip
 
         async def caller() -> None:
             for _ in range(300):
@@ -69,13 +73,21 @@ def model_calls(model_dir: Path) -> None:
         for rows_per_call, users in ((1, 1), (16, 1), (64, 1), (1, 64)):
             rows = np.tile(np.array([list(IRIS.values())]), (rows_per_call, 1))
             direct = _best_us(functools.partial(model.predict_proba, rows), 2000)
-            thread = _through_batcher_us(model, rows, inline=0, users=users)
-            inline = _through_batcher_us(model, rows, inline=10**9, users=users)
+            thread = _through_batcher_us(model, rows, inline=False, users=users)
+            inline = _through_batcher_us(model, rows, inline=True, users=users)
             print(
                 f"{version:<10} {rows_per_call:>4} {direct:>7.1f} {thread:>7.1f} {inline:>7.1f}"
                 f"   {users}"
             )
-    print(f"(the batcher runs calls of <= {INLINE_MAX_ROWS} rows inline, larger in the thread)")
+    within = ", ".join(
+        f"{version} {INLINE_BUDGET_S / load_model(model_dir, version).row_seconds:.0f}"
+        for version in VERSIONS
+    )
+    print(
+        f"(the batcher runs calls of <= {INLINE_MAX_ROWS} rows inline, and larger ones its cost "
+        f"measure puts within {INLINE_BUDGET_S * 1e6:.0f} µs, here up to rows: {within}; the "
+        "rest in the thread)"
+    )
 
 
 def _memory_mb(pid: int) -> dict[str, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.serving.batcher import MicroBatcher
+from service.serving.batcher import INLINE_BUDGET_S, INLINE_MAX_ROWS, MicroBatcher
 from service.serving.runtime import LoadedModel, load_model
 
 VERSIONS = ("v1-forest", "v2-logreg")
@@ -208,3 +210,39 @@ def test_a_batch_never_mixes_versions(models: dict[str, LoadedModel]) -> None:
         assert_identical(outcome, models[model.version].predict_proba(rows), model)
     assert sum(calls["v1-forest"]) == 14 and sum(calls["v2-logreg"]) == 26
     assert len(calls["v1-forest"]) + len(calls["v2-logreg"]) <= 4, "each version batched"
+
+
+def computed_where(model: LoadedModel, row_seconds: float, threads: list[int]) -> LoadedModel:
+    """The same model, claiming `row_seconds` a row, noting the thread of every call."""
+
+    def predict_proba(rows: np.ndarray) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return model.predict_proba(rows)
+
+    return LoadedModel(model.manifest, predict_proba, row_seconds)
+
+
+@pytest.mark.parametrize(
+    ("row_seconds", "rows", "on_the_loop"),
+    [
+        (math.inf, INLINE_MAX_ROWS, True),  # not measured, and small
+        (math.inf, INLINE_MAX_ROWS + 1, False),
+        (INLINE_BUDGET_S / 4000, 2000, True),  # within the budget however many rows
+        (INLINE_BUDGET_S / 100, 200, False),  # twice the budget
+    ],
+)
+def test_a_call_stays_on_the_event_loop_only_while_it_is_cheap(
+    models: dict[str, LoadedModel], row_seconds: float, rows: int, on_the_loop: bool
+) -> None:
+    threads: list[int] = []
+    model = computed_where(models["v2-logreg"], row_seconds, threads)
+    parts = rows_of([rows], seed=7)
+    (outcome,) = predict_concurrently(lambda: model, parts, enabled=True)
+    assert_identical(outcome, models["v2-logreg"].predict_proba(parts[0]), model)
+    assert len(threads) == 1
+    assert (threads[0] == threading.get_ident()) == on_the_loop  # asyncio.run runs the loop here
+
+
+def test_a_loaded_version_knows_what_a_row_costs(models: dict[str, LoadedModel]) -> None:
+    for model in models.values():
+        assert 0 < model.row_seconds < math.inf

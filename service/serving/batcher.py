@@ -7,13 +7,14 @@ Each request names the model version that must compute it (its tenant's); a batc
 waiting requests of one version only, so a batch never mixes versions and every answer names
 the version that really computed it.
 
-NOTE: a small call runs inline, on the event loop. Handing it to the model thread costs ~130 µs
-of CPU (a wake-up and a callback each way), more than ONNX Runtime takes for 64 rows of either
-model we train (~14 µs the logistic regression, ~66 µs the forest; `perf.model_figures`). A
-larger call goes to the thread, which ONNX Runtime lets run without the GIL while the loop
-serves other requests. With 64 connections over two workers, every micro-batch of single
-predictions fits and stays on the loop: 5% less CPU a request than a limit of 16 rows
-(perf/README.md, "Session 12").
+NOTE: a cheap call runs inline, on the event loop. Handing it to the model thread costs ~130 µs
+of CPU (a wake-up and a callback each way), more than ONNX Runtime takes for 2,000 rows of the
+logistic regression or 40 of the forest (`perf.model_figures`). So a call runs inline when its
+model's cost, measured as the version loads, says it takes at most `INLINE_BUDGET_S`; a longer
+one goes to the thread, which ONNX Runtime lets run without the GIL while the loop serves
+other requests. At 32 connections a worker, the micro-batches of single predictions were
+mostly over 16 rows and each paid the hand-off: on the loop, 5% less CPU a request; batches
+of the logistic regression 10% less (perf/README.md, "Session 12").
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import numpy as np
 from service.serving.runtime import LoadedModel
 from tenants.background import background_threads
 
-INLINE_MAX_ROWS = 64
-"""Calls of at most this many rows run on the event loop; larger ones in the model thread."""
+INLINE_MAX_ROWS = 16
+"""Calls of at most this many rows run on the event loop, whatever their model."""
+INLINE_BUDGET_S = 100e-6
+"""Larger calls run there too when their model's measured cost puts them within this."""
 
 
 @dataclass(slots=True)
@@ -46,9 +49,11 @@ class MicroBatcher:
         max_rows: int,
         max_wait_us: int,
         inline_max_rows: int = INLINE_MAX_ROWS,
+        inline_budget_s: float = INLINE_BUDGET_S,
     ) -> None:
         self._enabled = enabled
         self._inline_max_rows = inline_max_rows
+        self._inline_budget_s = inline_budget_s
         self._max_rows = max_rows
         self._max_wait = max_wait_us / 1_000_000
         # One thread: a worker is sized for one core; more would only contend with the loop.
@@ -73,8 +78,9 @@ class MicroBatcher:
         return await request.future
 
     async def _compute(self, model: LoadedModel, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """One model call for all parts: inline when small, else in the model thread."""
-        if sum(len(part) for part in parts) <= self._inline_max_rows:
+        """One model call for all parts: inline when cheap, else in the model thread."""
+        rows = sum(len(part) for part in parts)
+        if rows <= self._inline_max_rows or rows * model.row_seconds <= self._inline_budget_s:
             return _predict_many(model, parts)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, _predict_many, model, parts)
