@@ -8,13 +8,13 @@ waiting requests of one version only, so a batch never mixes versions and every 
 the version that really computed it.
 
 NOTE: a cheap call runs inline, on the event loop. Handing it to the model thread costs ~130 µs
-of CPU (a wake-up and a callback each way), more than ONNX Runtime takes for 2,000 rows of the
-logistic regression or 40 of the forest (`perf.model_figures`). So a call runs inline when its
+of CPU (a wake-up and a callback each way), more than ONNX Runtime takes for ~2,000 rows of the
+logistic regression or ~50 of the forest (`perf.model_figures`). So a call runs inline when its
 model's cost, measured as the version loads, says it takes at most `INLINE_BUDGET_S`; a longer
 one goes to the thread, which ONNX Runtime lets run without the GIL while the loop serves
 other requests. At 32 connections a worker, the micro-batches of single predictions were
-mostly over 16 rows and each paid the hand-off: on the loop, 5% less CPU a request; batches
-of the logistic regression 10% less (perf/README.md, "Session 12").
+mostly over 16 rows and each paid the hand-off: on the loop, 5% less CPU a request; batch
+requests of the logistic regression 6% less (perf/README.md, "Session 12").
 """
 
 from __future__ import annotations
