@@ -3,6 +3,8 @@
 A worker needs nothing else to serve: no scikit-learn, no scipy, no unpickling. The graph is
 checked against the iris contract (one float input [N, 4], probabilities [N, 3]) when the
 session is made, so a version that would fail on its first request is refused at load instead.
+A first few calls then measure what a row costs it: the micro-batcher decides by that whether
+a call is cheap enough to run on the event loop.
 """
 
 from __future__ import annotations
@@ -139,7 +141,12 @@ def load_model(model_dir: Path, version: str, *, intra_op_threads: int = 1) -> L
     ):
         raise ModelError(f"model version {version!r} has other inputs or outputs than its manifest")
     proba = classifier.predict_proba
-    return LoadedModel(manifest=manifest, predict_proba=proba, row_seconds=_row_seconds(proba))
+    try:
+        row_seconds = _row_seconds(proba)
+    except Exception as exc:  # ONNX Runtime's error types derive from Exception directly
+        failure = error_text(exc)
+        raise ModelError(f"model version {version!r} fails on valid rows: {failure}") from None
+    return LoadedModel(manifest=manifest, predict_proba=proba, row_seconds=row_seconds)
 
 
 def _row_seconds(predict_proba: ProbaFn) -> float:
