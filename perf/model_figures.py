@@ -68,8 +68,10 @@ def _through_batcher_us(model: LoadedModel, rows: np.ndarray, *, inline: bool, u
 def model_calls(model_dir: Path) -> None:
     print("model calls, µs (best of 7): direct | via the batcher: model thread vs inline")
     print(f"{'version':<10} {'rows':>4} {'direct':>7} {'thread':>7} {'inline':>7}   callers")
+    inline_rows = []
     for version in VERSIONS:
         model = load_model(model_dir, version)
+        inline_rows.append(f"{version} {INLINE_BUDGET_S / model.row_seconds:.0f}")
         for rows_per_call, users in ((1, 1), (16, 1), (64, 1), (1, 64)):
             rows = np.tile(np.array([list(IRIS.values())]), (rows_per_call, 1))
             direct = _best_us(functools.partial(model.predict_proba, rows), 2000)
@@ -79,14 +81,10 @@ def model_calls(model_dir: Path) -> None:
                 f"{version:<10} {rows_per_call:>4} {direct:>7.1f} {thread:>7.1f} {inline:>7.1f}"
                 f"   {users}"
             )
-    within = ", ".join(
-        f"{version} {INLINE_BUDGET_S / load_model(model_dir, version).row_seconds:.0f}"
-        for version in VERSIONS
-    )
     print(
         f"(the batcher runs calls of <= {INLINE_MAX_ROWS} rows inline, and larger ones its cost "
-        f"measure puts within {INLINE_BUDGET_S * 1e6:.0f} µs, here up to rows: {within}; the "
-        "rest in the thread)"
+        f"measure puts within {INLINE_BUDGET_S * 1e6:.0f} µs, here up to rows: "
+        f"{', '.join(inline_rows)}; the rest in the thread)"
     )
 
 
